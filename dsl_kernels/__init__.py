@@ -1,0 +1,26 @@
+"""dsl_kernels: block-sparse embedding bags trained sparse from start to finish.
+
+>>> import torch, dsl_kernels
+>>> emb = dsl_kernels.SparseEmbeddingBag(10_000, 64, mode="sum", density=0.1, block_size=8)
+>>> emb(torch.randint(0, 10_000, (32, 20))).shape
+torch.Size([32, 64])
+"""
+from . import ops  # noqa: F401  (registers the dsl:: ops)
+from .dispatch import backends, register_backend
+from .modules import SparseEmbedding, SparseEmbeddingBag, SparseEmbeddingBagCollection, TableConfig
+from .pool import BlockSparseBase, LookupRecord, TableSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseEmbeddingBag",
+    "SparseEmbedding",
+    "SparseEmbeddingBagCollection",
+    "TableConfig",
+    "BlockSparseBase",
+    "TableSpec",
+    "LookupRecord",
+    "backends",
+    "register_backend",
+    "ops",
+]
