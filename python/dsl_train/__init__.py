@@ -1,0 +1,1 @@
+"""dsl-train: the thin trainer (see issue 7)."""
