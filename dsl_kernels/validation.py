@@ -36,6 +36,11 @@ def check_config(num_embeddings: int, embedding_dim: int, density: float, block_
     return padding_idx
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def _check_device(name: str, t: Tensor, device: torch.device) -> None:
     if t.device.type != device.type or (device.index is not None and t.device.index is not None
                                         and t.device.index != device.index):
@@ -51,6 +56,9 @@ def normalize_bags(input: Tensor, offsets: Optional[Tensor], per_sample_weights:
     argument for anything torch would reject (and a few things it silently accepts)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    # The value checks read tensor data (.item()), which breaks torch.compile(fullgraph=True);
+    # a compiled graph skips them (the structural checks still run at trace time).
+    validate = validate and not _compiling()
     if input.dtype not in INDEX_DTYPES:
         raise TypeError(f"input must be int32 or int64, got {input.dtype}")
     _check_device("input", input, device)
