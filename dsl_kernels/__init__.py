@@ -9,6 +9,7 @@ from . import ops  # noqa: F401  (registers the dsl:: ops)
 from .dispatch import backends, register_backend
 from .modules import SparseEmbedding, SparseEmbeddingBag, SparseEmbeddingBagCollection, TableConfig
 from .pool import BlockSparseBase, LookupRecord, TableSpec
+from .checkpoint import CheckpointError, load, save
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,7 @@ __all__ = [
     "backends",
     "register_backend",
     "ops",
+    "save",
+    "load",
+    "CheckpointError",
 ]

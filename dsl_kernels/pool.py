@@ -205,7 +205,9 @@ class BlockSparseBase(nn.Module):
             self.rebuild_index()
         m = MODES[mode]
         pad = -1 if padding_idx is None else padding_idx
-        out, max_idx = ops.lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
+        # dsl_kernels.fused.fuse_optimizer installs _fused_lookup: same forward, backward = fused update.
+        lookup_op = getattr(self, "_fused_lookup", None) or ops.lookup
+        out, max_idx = lookup_op(self.values, self.row_ptr, self.row_slots, self.row_mask,
                                   indices, offsets, psw, self.frozen, num_blocks, m, pad,
                                   self.deterministic, self.backend_for(indices.device.type))
         if self.lookup_observers and out.requires_grad:

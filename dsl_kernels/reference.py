@@ -227,6 +227,7 @@ def grow_scores(grad_out: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: 
     D = eg.shape[1]
     acc = torch.zeros(rows.numel(), D, device=eg.device)
     acc.index_add_(0, inv, eg[keep])
-    scores = acc.view(rows.numel(), num_blocks, -1).norm(dim=2)
+    # Explicit block size: with no touched rows a -1 in view() would be ambiguous.
+    scores = acc.view(rows.numel(), num_blocks, D // num_blocks).norm(dim=2)
     active = resolve_slots(row_ptr, row_slots, row_mask, rows, num_blocks) >= 0
     return rows, scores.masked_fill(active, 0.0)

@@ -90,16 +90,20 @@ def normalize_bags(input: Tensor, offsets: Optional[Tensor], per_sample_weights:
             if offsets.numel() == 0:
                 raise ValueError("offsets must have at least one entry with include_last_offset=True")
         else:
-            end = torch.tensor([indices.numel()], dtype=offsets.dtype, device=offsets.device)
+            # No offsets means no bags (torch then ignores input): the CSR end is 0, not len(input).
+            end = torch.tensor([indices.numel() if offsets.numel() else 0], dtype=offsets.dtype,
+                               device=offsets.device)
             offsets = torch.cat([offsets, end])
         if validate and offsets.numel():
             if int(offsets[0]) != 0:
                 raise ValueError(f"offsets must start at 0, got offsets[0]={int(offsets[0])}")
+            # Past-the-end first: otherwise the appended end (len(input)) would make an offset
+            # past the end look like a decreasing pair.
+            if int(offsets.max()) > indices.numel():
+                raise ValueError(f"offsets point past the end of input: offset "
+                                 f"{int(offsets.max())} > input length {indices.numel()}")
             if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
                 raise ValueError("offsets must be non-decreasing")
-            if int(offsets[-1]) > indices.numel():
-                raise ValueError(f"offsets point past the end of input: last offset "
-                                 f"{int(offsets[-1])} > input length {indices.numel()}")
     else:
         raise ValueError(f"input must be 1-D (with offsets) or 2-D (fixed-size bags), got "
                          f"{input.dim()}-D of shape {tuple(input.shape)}")

@@ -29,3 +29,94 @@ def assert_no_dense_allocation(fn: Callable[[], object], num_rows: int, dim: int
     assert got < limit, (f"{op} allocated {got} bytes, >= {fraction} of the dense table "
                          f"({num_rows}x{dim})")
     return got
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch-level recorder (sparsity engine tests): sees every aten op, so it also reports the
+# largest single NEW tensor (views and in-place results excluded) and the peak of the extra bytes
+# alive at once inside a block.
+#
+# >>> x = torch.zeros(1000)
+# >>> with AllocationRecorder() as rec:
+# ...     y = x[:10] + 1          # a view (not counted) and a 10-element result
+# ...     x.add_(1)               # in place: not counted
+# >>> rec.max_numel, rec.peak_bytes
+# (10, 40)
+
+import weakref
+from typing import Dict, List
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+
+
+def _custom_op_body(func):
+    """The Python function behind a ``torch.library.custom_op`` overload, or None."""
+    if getattr(func, "namespace", "aten") in ("aten", "prim", "prims"):
+        return None
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:
+        return None
+    name = f"{func.namespace}::{func._schema.name.split('::')[-1]}"
+    opdef = OPDEFS.get(name)
+    return None if opdef is None else getattr(opdef, "_init_fn", None)
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Record the tensors created inside the ``with`` block (see the comment above)."""
+
+    def __init__(self, keep_all: bool = False, enter_custom_ops: bool = True):
+        super().__init__()
+        self.keep_all = keep_all
+        # Run the Python body of torch.library custom ops (dsl::*) under the recorder, so the
+        # temporaries they make are seen too (otherwise only their outputs are).
+        self.enter_custom_ops = enter_custom_ops
+        self.max_numel = 0
+        self.max_op = None
+        self.allocations: List[Tuple[str, int, int]] = []
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._live: Dict[tuple, int] = {}
+
+    def _release(self, key):
+        n = self._live.pop(key, None)
+        if n is not None:
+            self.live_bytes -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        body = _custom_op_body(func) if self.enter_custom_ops else None
+        if body is not None:
+            with self:
+                out = body(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        ins = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]
+               if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = _storage_key(t)
+            if key is None or key in ins or key in self._live or key[3] == 0:
+                continue
+            n = t.numel()
+            if n > self.max_numel:
+                self.max_numel, self.max_op = n, str(func)
+            if self.keep_all:
+                self.allocations.append((str(func), n, key[3]))
+            self._live[key] = key[3]
+            self.live_bytes += key[3]
+            if self.live_bytes > self.peak_bytes:
+                self.peak_bytes = self.live_bytes
+                if self.keep_all:  # what was alive at the peak, for debugging
+                    self.peak_op, self.peak_live = str(func), dict(self._live)
+            weakref.finalize(t.untyped_storage(), self._release, key)
+        return out

@@ -28,27 +28,33 @@ def popcount64(x):
 
 
 @triton.jit
-def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, j, valid, W: tl.constexpr):
-    """Slot of block ``(row, j)`` and whether it is active (broadcasting ``row`` against ``j``).
+def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, rvalid, j, jvalid,
+                 W: tl.constexpr):
+    """Slot (int32) of block ``(row, j)`` and whether it is active.
 
-    ``row`` is int64 (any shape broadcastable with ``j``), ``j`` the block column (int32/int64),
-    ``valid`` masks lanes that must not touch memory (padding, past-the-end). Inactive or invalid
-    lanes return ``active = False`` and slot 0; nothing is loaded for them beyond the mask word.
+    ``row`` (int64) and ``rvalid`` have the row-level shape (e.g. ``[G, 1, 1]``), ``j`` and
+    ``jvalid`` the block-level one (e.g. ``[1, NBT, 1]``); results have the broadcast shape.
+    Row-level loads (``row_ptr``, mask words) stay row-level, so a tile does not replicate them
+    per block. Invalid or inactive lanes return ``active = False`` and touch no slot memory.
     """
     j = j.to(tl.int64)
-    w = j >> 6
     b = j & 63
     base = row * W
-    word = tl.load(row_mask_ptr + base + w, mask=valid, other=0)
+    valid = rvalid & jvalid
+    if W == 1:
+        word = tl.load(row_mask_ptr + base, mask=rvalid, other=0)  # one word per row
+    else:
+        word = tl.load(row_mask_ptr + base + (j >> 6), mask=valid, other=0)
     active = valid & (((word >> b) & 1) != 0)  # & 1 after the shift: the sign fill is harmless
     one = tl.full(b.shape, 1, tl.int64)
     # (1 << b) - 1 wraps correctly for b = 63 (INT64_MIN - 1 = INT64_MAX).
-    rank = popcount64(word & ((one << b) - 1))
+    rank = popcount64(word & ((one << b) - 1)).to(tl.int32)
     if W > 1:
-        # Active blocks in the words before w (W <= 8 for D <= 512 at block_size 1).
+        # Active blocks in the words before j's word (W <= 8 for D <= 512 at block_size 1).
+        w = (j >> 6).to(tl.int32)
         for k in tl.static_range(W - 1):
-            wk = tl.load(row_mask_ptr + base + k, mask=valid, other=0)
-            rank += tl.where(k < w, popcount64(wk), 0)
-    start = tl.load(row_ptr_ptr + row, mask=valid, other=0).to(tl.int64)
-    slot = tl.load(row_slots_ptr + start + rank, mask=active, other=0).to(tl.int64)
+            wk = tl.load(row_mask_ptr + base + k, mask=rvalid, other=0)
+            rank += tl.where(k < w, popcount64(wk).to(tl.int32), 0)
+    start = tl.load(row_ptr_ptr + row, mask=rvalid, other=0)
+    slot = tl.load(row_slots_ptr + (start + rank), mask=active, other=0)
     return slot, active

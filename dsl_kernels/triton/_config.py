@@ -8,13 +8,19 @@ ops) is computed once per block, not once per column.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import triton
 
-# Widest column tile a program handles: 128 fp32 = 512 bytes per row, a full set of coalesced
-# 128-byte lines per warp, and few enough registers for 4 warps at G = 16 bags.
+# Widest column tile a program handles: 128 fp32 = 512 bytes per row (four full 128-byte lines).
 MAX_TILE = 128
+# Elements (G x tile) per program: 8 per thread at 4 warps. Registers per element (~13: the
+# fp32 accumulator, the value, a 64-bit address, the slot chain) cap what one SM keeps in
+# flight; smaller programs at the same total give more warps to hide gather latency.
+# (sm_90 build: ~110-145 registers per thread -> 4 programs of 4 warps per SM.) Override with
+# DSL_TRITON_ELEMS to tune on a new GPU.
+ELEMS = int(os.environ.get("DSL_TRITON_ELEMS", "1024"))
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,8 @@ def tile_config(num_blocks: int, block_size: int, avg_len: float = 1.0,
     NBT = max(1, min(triton.next_power_of_2(NB), MAX_TILE // BP))
     n_block_tiles = triton.cdiv(NB, NBT)
     tile = NBT * BP
-    # Target about 2K elements in flight per program (G bags x tile columns).
-    G = max(1, min(max_g, 2048 // tile))
+    # About ELEMS elements per program (G bags x tile columns).
+    G = max(1, min(max_g, ELEMS // tile))
     if avg_len >= 32:
         G = max(1, min(G, 8))  # long bags: fewer per program, less idle time on uneven lengths
     elems = G * tile

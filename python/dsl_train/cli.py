@@ -1,7 +1,409 @@
-"""Placeholder until the trainer lands: runs the package demo."""
+"""``dsl-train``: train recommendation models with sparse embedding tables at a fixed budget.
+
+Run ``dsl-train --help`` (or ``dsl-train COMMAND --help``) for the options.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .methods import METHODS, MethodConfig, engine_available
+from .loop import STREAM_VARIANTS, TrainConfig
+
+DESCRIPTION = """\
+Train recommendation models whose embedding tables are block-sparse from the first step
+(Dynamic Sparse Learning), and compare them with dense tables and other sparse baselines.
+
+Without a command, dsl-train runs a ~1 minute demo on synthetic data: matrix factorisation
+trained dense, with DSL at 90 % sparsity (density 0.1) and with a static random mask, then
+prints quality (Recall@20, NDCG@20), memory and time side by side.
+
+Every run writes <out>/<name>.json (config, per-epoch metrics and times, measured memory)
+and <out>/<name>.png (metric per epoch).
+"""
+
+EPILOG = """\
+methods (--method):
+  dense            stock torch nn.Embedding / nn.EmbeddingBag (density 1.0)
+  dsl              sparse from scratch; the mask moves by prune (magnitude) + regrow (gradient)
+  static           sparse with a random mask that never changes
+  magnitude        dense training, one-shot prune to the budget, sparse fine-tuning
+  dense_to_sparse  start dense, shrink to --density on a cubic schedule, keep adapting
+
+examples:
+  dsl-train                                               # the demo
+  dsl-train mf --data ../shared/data/gowalla --method dsl --density 0.1 --epochs 5
+  dsl-train lightgcn --data ../shared/data/gowalla --method dense --epochs 20
+  dsl-train dlrm --data ../shared/data/criteo-sample --method dsl --density 0.2
+  dsl-train dlrm --data synthetic --method dsl --density 0.2 --skip-stale
+  dsl-train stream --data ../shared/data/ml-100k --windows 6 --density 0.1
+  dsl-train sweep --model mf --data synthetic --densities 0.05,0.1,0.2 --methods dsl,static
+"""
 
 
-def main(argv=None) -> int:
-    from dsl_kernels.__main__ import main as demo
+def _add_common(p: argparse.ArgumentParser, model: str) -> None:
+    g = p.add_argument_group("data and model")
+    if model == "dlrm":
+        g.add_argument("--data", default="synthetic",
+                       help="Criteo-style CSV/TSV file or folder, or 'synthetic' (a skewed CTR "
+                            "stream; default)")
+    else:
+        g.add_argument("--data", default="synthetic",
+                       help="folder with LightGCN train.txt/test.txt (.gz ok, e.g. "
+                            "../shared/data/gowalla), a RecBole .inter file/folder (split by "
+                            "time), or 'synthetic' (default)"
+                            + ("; for --model dlrm: a Criteo-style CSV/TSV file"
+                               if model == "sweep" else ""))
+    if model in ("dlrm", "sweep"):
+        g.add_argument("--hash-size", type=int, default=100_000,
+                       help="rows per categorical table (values are hashed; default 100000)")
+        g.add_argument("--rows", type=int, default=20_000,
+                       help="CTR: rows of synthetic data / max rows read from a file")
+    g.add_argument("--dim", type=int, default=64, help="embedding dimension (default 64)")
+    if model in ("lightgcn", "sweep"):
+        g.add_argument("--layers", type=int, default=3, help="LightGCN layers (default 3)")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--method", default=None, choices=METHODS,
+                   help="how the tables are trained (default: dsl, or dense at --density 1)")
+    g.add_argument("--density", type=float, default=0.1,
+                   help="share of the table kept, 1.0 = dense (default 0.1 = 90%% sparse)")
+    g.add_argument("--block-size", type=int, default=8,
+                   help="columns per sparse block; divides --dim (default 8)")
+    g.add_argument("--mask-init", default="random", choices=("random", "aligned"),
+                   help="initial mask of sparse tables: random columns (default) or aligned "
+                        "(each row's blocks in the first columns)")
+    g.add_argument("--update-every", type=int, default=100,
+                   help="DSL: steps between mask updates (default 100)")
+    g.add_argument("--prune-fraction", type=float, default=0.3,
+                   help="DSL: share of blocks moved at the first update, cosine-decayed "
+                        "(default 0.3)")
+    g.add_argument("--stop-fraction", type=float, default=0.75,
+                   help="DSL: mask updates stop after this share of training (default 0.75)")
+    g.add_argument("--grow", default="gradient", choices=("gradient", "random"),
+                   help="DSL regrowth criterion (default gradient)")
+    g.add_argument("--distribution", default="global", choices=("global", "per_table"),
+                   help="DSL: rank blocks across all tables (global) or per table")
+    g.add_argument("--dense-fraction", type=float, default=0.5,
+                   help="magnitude: share of epochs trained dense before pruning (default 0.5)")
+    g.add_argument("--skip-stale", action="store_true",
+                   help="skip updates of embeddings that stopped changing (Slipstream)")
+    g.add_argument("--target-skip", type=float, default=0.3,
+                   help="with --skip-stale: target share of skipped updates (default 0.3)")
+    g.add_argument("--backend", default="auto",
+                   help="kernel backend: auto, reference, cpu, cuda, triton (default auto)")
+    _add_loop(p, model)
 
-    return demo(argv)
+
+def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
+    g = p.add_argument_group("training")
+    ctr = model == "dlrm"
+    g.add_argument("--epochs", type=int, default=3 if ctr else 10,
+                   help="passes over the training data (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=1024 if ctr else 2048,
+                   help="(default %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--reg", type=float, default=0.0 if ctr else 1e-4,
+                   help="L2 weight on the batch's embeddings (default %(default)s)")
+    g.add_argument("--optimizer", default="adam", choices=("adam", "adagrad", "sgd"))
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    g.add_argument("--eval-users", type=int, default=None,
+                   help="users sampled for intermediate evaluations (the last one uses all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    g.add_argument("--out", default="runs", help="output folder (default runs/)")
+    g.add_argument("--name", default=None, help="run name (default: derived from the options)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="no PNG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsl-train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    for name, hlp in (("mf", "matrix factorisation with BPR loss (Recall@20, NDCG@20)"),
+                      ("lightgcn", "LightGCN with BPR loss (Recall@20, NDCG@20)"),
+                      ("dlrm", "DLRM-style click-through-rate model (AUC, log-loss)")):
+        sp = sub.add_parser(name, help=hlp, description=hlp, formatter_class=fmt)
+        _add_common(sp, name)
+    sp = sub.add_parser("stream", formatter_class=fmt,
+                        help="prequential MF on a time-ordered stream: adaptive mask vs frozen "
+                             "mask vs dense",
+                        description="Prequential evaluation on a time-ordered stream (train on "
+                                    "window t, test on the new interactions of window t+1). "
+                                    "Variants: dense; adaptive (DSL mask updates all along); "
+                                    "frozen (mask updates in the first window only); static.")
+    _add_common(sp, "mf")
+    sp.add_argument("--windows", type=int, default=6, help="time windows (default 6)")
+    sp.add_argument("--variants", default="dense,adaptive,frozen",
+                    help=f"comma list of {', '.join(STREAM_VARIANTS)} (default dense,adaptive,"
+                         "frozen)")
+    sp.add_argument("--drift", type=float, default=0.3,
+                    help="synthetic data only: drift of tastes/popularity per window (0-1)")
+    sp = sub.add_parser("sweep", formatter_class=fmt,
+                        help="quality and memory across densities and methods (+ dense)",
+                        description="Run --model at every density of --densities with every "
+                                    "method of --methods, plus one dense run; writes a table, a "
+                                    "JSON summary and sweep.png (metric and memory vs density).")
+    sp.add_argument("--model", default="mf", choices=("mf", "lightgcn", "dlrm"))
+    sp.add_argument("--densities", default="0.05,0.1,0.2", help="comma list (default "
+                    "0.05,0.1,0.2)")
+    sp.add_argument("--methods", default="dsl,static,magnitude", help="comma list of sparse "
+                    "methods (default dsl,static,magnitude)")
+    _add_common(sp, "sweep")
+    return p
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _method_cfg(a, method: Optional[str] = None, density: Optional[float] = None) -> MethodConfig:
+    d = a.density if density is None else density
+    m = method or a.method or ("dense" if d >= 1.0 else "dsl")
+    if m == "dense":
+        d = 1.0
+    return MethodConfig(method=m, density=d, block_size=a.block_size, backend=a.backend,
+                        update_every=a.update_every, prune_fraction=a.prune_fraction,
+                        stop_fraction=a.stop_fraction, grow=a.grow, distribution=a.distribution,
+                        dense_fraction=a.dense_fraction, skip_stale=a.skip_stale,
+                        target_skip=a.target_skip, mask_init=a.mask_init)
+
+
+def _train_cfg(a, model: str) -> TrainConfig:
+    return TrainConfig(model=model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, reg=a.reg,
+                       dim=a.dim, layers=getattr(a, "layers", 3), eval_every=a.eval_every,
+                       eval_users=a.eval_users, optimizer=a.optimizer, seed=a.seed,
+                       device=a.device, progress=not a.no_progress, out=a.out, name=a.name,
+                       plot=not a.no_plot)
+
+
+def load_ranking_data(path: str, seed: int = 0):
+    from . import data as D
+
+    if path == "synthetic":
+        return D.synthetic_implicit(seed=seed)
+    if os.path.isdir(path) and (D._find(path, "train.txt") or D._find(path, "test.txt")):
+        return D.load_lightgcn(path)
+    if path.endswith((".inter", ".inter.gz")) or os.path.isdir(path):
+        return temporal_split(D.load_inter(path))
+    if os.path.isfile(path) and os.path.basename(path).startswith(("train.txt", "test.txt")):
+        return D.load_lightgcn(path)
+    raise D.DataError(f"--data {path!r}: expected a folder with train.txt/test.txt, a .inter "
+                      f"file or folder, or 'synthetic'")
+
+
+def temporal_split(stream, test_fraction: float = 0.2):
+    """Global time split of a stream: the last ``test_fraction`` of events are the test set
+    (test pairs already seen in training are dropped)."""
+    import torch
+
+    from .data import InteractionData, events_to_split
+
+    cut = int(round(len(stream) * (1 - test_fraction)))
+    tu, ti = events_to_split(stream.users[:cut], stream.items[:cut])
+    su, si = events_to_split(stream.users[cut:], stream.items[cut:])
+    new = ~torch.isin(su * stream.num_items + si, tu * stream.num_items + ti)
+    return InteractionData(stream.name, stream.num_users, stream.num_items, tu, ti, su[new],
+                           si[new])
+
+
+def load_ctr_data(a):
+    from . import data as D
+
+    if a.data == "synthetic":
+        d = D.synthetic_ctr(num_rows=a.rows, seed=a.seed)
+    else:
+        d = D.load_criteo(a.data, hash_size=a.hash_size, max_rows=a.rows)
+    return d.split(0.2)
+
+
+def _summary_row(rep: dict) -> dict:
+    mem = rep["memory"]
+    row = {"run": rep["name"], "method": rep["method_config"]["method"],
+           "density": rep["final"].get("density", rep["method_config"]["density"])}
+    row.update({k: v for k, v in rep["final"].items() if k != "density"})
+    row["emb+opt"] = _fmt(mem["embedding_total_bytes"])
+    row["% of dense"] = f"{100 * mem['embedding_share_of_dense']:.1f}%"
+    row["time_s"] = rep["wall_time_s"]
+    return row
+
+
+def _fmt(n):
+    from .report import fmt_bytes
+
+    return fmt_bytes(n)
+
+
+def _print_table(rows: List[dict]) -> None:
+    from .report import table
+
+    cols = []
+    for r in rows:
+        for c in r:
+            if c not in cols:
+                cols.append(c)
+    print(table(rows, cols))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_demo(out: str = "runs", progress: bool = True, epochs: int = 12,
+             scale: float = 1.0) -> List[dict]:
+    """Synthetic MF: dense vs DSL at density 0.1 vs a static random mask at density 0.1.
+    ``scale`` shrinks the data set (tests use a tiny one)."""
+    from .data import synthetic_implicit
+    from .loop import run_ranking
+
+    nu, ni = max(20, int(1500 * scale)), max(20, int(1000 * scale))
+    data = synthetic_implicit(num_users=nu, num_items=ni, per_user=max(5, int(30 * scale)),
+                              seed=0)
+    print(f"dsl-train demo: {data.summary()}; MF-BPR, dim 32, {epochs} epochs, Adam", flush=True)
+    tcfg = TrainConfig(model="mf", epochs=epochs, batch_size=1024, lr=5e-3, reg=1e-4, dim=32,
+                       eval_every=max(1, epochs // 4), device="auto", progress=progress, out=out)
+    runs = [MethodConfig("dense", 1.0, block_size=4),
+            MethodConfig("dsl", 0.1, block_size=4, update_every=20, prune_fraction=0.3),
+            MethodConfig("static", 0.1, block_size=4)]
+    if not engine_available():
+        print("note: dsl_kernels.sparsity is not available here; skipping the DSL run",
+              file=sys.stderr)
+        runs = [r for r in runs if r.method != "dsl"]
+    reps = []
+    for m in runs:
+        tcfg.name = f"demo-mf-{m.method}" + (f"-d{m.density:g}" if m.sparse else "")
+        reps.append(run_ranking(data, tcfg, m))
+        print(f"  {tcfg.name}: Recall@20={reps[-1]['final']['recall@20']:.4f} "
+              f"({reps[-1]['wall_time_s']:.1f} s)", flush=True)
+    print()
+    _print_table([_summary_row(r) for r in reps])
+    _sweep_plot(out, "demo", reps, "recall@20")
+    print(f"\nJSON and plots in {out}/")
+    return reps
+
+
+def _sweep_plot(out: str, name: str, reps: List[dict], metric: str) -> str:
+    from .report import plot_sweep
+
+    rows = []
+    for r in reps:
+        rows.append({"method": r["method_config"]["method"],
+                     "density": r["method_config"]["density"],
+                     metric: r["final"].get(metric),
+                     "embedding_total_bytes": r["memory"]["embedding_total_bytes"]})
+    dense = [r for r in rows if r["method"] == "dense"]
+    # The dense point belongs on every method's curve (density 1.0).
+    for m in {r["method"] for r in rows} - {"dense"}:
+        rows += [dict(d, method=m) for d in dense]
+    return plot_sweep(os.path.join(out, f"{name}-sweep.png"), rows, metric, title=name)
+
+
+def cmd_train(a) -> dict:
+    from .loop import run_ctr, run_ranking
+
+    tcfg = _train_cfg(a, a.command)
+    mcfg = _method_cfg(a)
+    if a.command == "dlrm":
+        train, test = load_ctr_data(a)
+        rep = run_ctr(train, test, tcfg, mcfg)
+    else:
+        data = load_ranking_data(a.data, a.seed)
+        print(data.summary(), flush=True)
+        rep = run_ranking(data, tcfg, mcfg)
+    _print_table([_summary_row(rep)])
+    print(f"\n{rep['files']['json']}")
+    return rep
+
+
+def cmd_stream(a) -> List[dict]:
+    from . import data as D
+    from .loop import run_stream
+
+    if a.data == "synthetic":
+        stream = D.synthetic_stream(num_windows=a.windows, drift=a.drift, seed=a.seed)
+    else:
+        stream = D.load_inter(a.data)
+    tcfg = _train_cfg(a, "mf")
+    base = _method_cfg(a, method="dsl" if a.density < 1 else "dense")
+    reps = []
+    for v in [s.strip() for s in a.variants.split(",") if s.strip()]:
+        tcfg.name = None if a.name is None else f"{a.name}-{v}"
+        reps.append(run_stream(stream, a.windows, v, tcfg, base))
+    rows = []
+    for r in reps:
+        row = {"variant": r["variant"], "density": r["final"]["density"]}
+        row.update({k: v for k, v in r["final"].items() if k != "density"})
+        row["emb+opt"] = _fmt(r["memory"]["embedding_total_bytes"])
+        row["time_s"] = r["wall_time_s"]
+        rows.append(row)
+    _print_table(rows)
+    from .report import plot_curves
+
+    k = tcfg.k
+    p = plot_curves(os.path.join(a.out, f"stream-{stream.name}.png"),
+                    {r["variant"]: [e[f"recall@{k}"] for e in r["epochs"]] for r in reps},
+                    f"prequential recall@{k}", xlabel="window", title=stream.name)
+    print(f"\n{p}")
+    return reps
+
+
+def cmd_sweep(a) -> List[dict]:
+    from .loop import run_ctr, run_ranking
+    from .report import write_json
+
+    model = a.model
+    tcfg = _train_cfg(a, model)
+    densities = [float(x) for x in a.densities.split(",") if x.strip()]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if model == "dlrm":
+        train, test = load_ctr_data(a)
+        run = lambda m: run_ctr(train, test, tcfg, m)
+        metric, dname = "auc", train.name
+    else:
+        data = load_ranking_data(a.data, a.seed)
+        print(data.summary(), flush=True)
+        run = lambda m: run_ranking(data, tcfg, m)
+        metric, dname = f"recall@{tcfg.k}", data.name
+    configs = [_method_cfg(a, "dense", 1.0)] + [_method_cfg(a, m, d) for d in densities
+                                                for m in methods]
+    reps = []
+    for m in configs:
+        tcfg.name = None
+        reps.append(run(m))
+    rows = [_summary_row(r) for r in reps]
+    _print_table(rows)
+    name = a.name or f"sweep-{model}-{dname}"
+    write_json(os.path.join(a.out, name + ".json"),
+               {"runs": [{k: r[k] for k in ("name", "method_config", "final", "memory",
+                                           "wall_time_s")} for r in reps]})
+    p = _sweep_plot(a.out, name, reps, metric)
+    print(f"\n{p}")
+    return reps
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .data import DataError
+
+    t0 = time.perf_counter()
+    try:
+        if a.command is None:
+            cmd_demo()
+        elif a.command in ("mf", "lightgcn", "dlrm"):
+            cmd_train(a)
+        elif a.command == "stream":
+            cmd_stream(a)
+        elif a.command == "sweep":
+            cmd_sweep(a)
+    except (DataError, ValueError, RuntimeError) as e:
+        print(f"dsl-train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -294,8 +294,9 @@ def load_criteo(path: str, hash_size: int = 100_000, max_rows: Optional[int] = N
                 name: Optional[str] = None) -> CTRData:
     """Load Criteo-style rows: ``label, I1..I13, C1..C26`` as CSV with a header (the sample in
     ``../shared/data/criteo-sample``) or the original headerless TSV. Integer features become
-    ``log(1 + max(x, 0))`` (missing -> 0); each categorical feature is hashed into its own table of
-    ``min(hash_size, distinct values + 1)`` rows, bucket 0 meaning "missing".
+    ``log(1 + max(x, 0))`` (missing -> 0); each categorical feature gets its own table: one row
+    per distinct value when they fit in ``hash_size`` rows, else values are hashed (crc32) into
+    ``hash_size`` rows; row 0 means "missing".
 
     >>> import os, tempfile
     >>> p = os.path.join(tempfile.mkdtemp(), "c.tsv")
@@ -362,10 +363,14 @@ def load_criteo(path: str, hash_size: int = 100_000, max_rows: Optional[int] = N
     sizes, sparse = [], np.zeros((n, CRITEO_CAT), dtype=np.int64)
     for j in range(CRITEO_CAT):
         col = [r[j].strip() for r in cats]
-        distinct = len(set(c for c in col if c))
-        size = max(2, min(hash_size, distinct + 1))
-        sizes.append(size)
-        sparse[:, j] = [_hash_token(c, j, size) if c else 0 for c in col]
+        vocab = sorted(set(c for c in col if c))
+        if len(vocab) + 1 <= hash_size:  # small vocabulary: one row per value, no collisions
+            ids = {v: i + 1 for i, v in enumerate(vocab)}
+            sizes.append(len(vocab) + 1)
+            sparse[:, j] = [ids[c] if c else 0 for c in col]
+        else:  # large vocabulary: hashing trick into hash_size rows
+            sizes.append(hash_size)
+            sparse[:, j] = [_hash_token(c, j, hash_size) if c else 0 for c in col]
     return CTRData(name or os.path.basename(path).split(".")[0],
                    torch.tensor(dense, dtype=torch.float32), torch.from_numpy(sparse),
                    torch.tensor(labels, dtype=torch.float32), sizes, names)

@@ -1,0 +1,301 @@
+// CUDA fused backward + optimizer over the slot pool (dsl_C::fused_update_rows).
+//
+// Work list (built on the device by torch ops, see dsl_kernels/fused.py): the batch's entries
+// grouped by row. One warp per unique row:
+//   1. finds the row's active, non-frozen blocks (one lane per block column: mask bit, rank by
+//      __popcll, slot) and compacts them into shared memory with a warp ballot;
+//   2. sums the gradient of every active column over the row's entries in input order (each lane
+//      owns fixed columns, so the order of the additions is fixed: deterministic), reading only
+//      the active columns of grad_out;
+//   3. applies the optimizer to those columns and writes values / state in place.
+// Rows looked up more than CHUNK times (Zipf-hot) would make one warp the tail of the whole
+// step, so their entries are first summed per chunk by partial_kernel (one warp per chunk, all
+// D columns, into a small [chunks, D] scratch) and the row's warp then adds its chunks in order.
+//
+// Rounding: products and sums use __fmul_rn/__fadd_rn (no FMA contraction) and IEEE sqrt and
+// division, so a light row is summed and updated exactly as the CPU kernel and the reference do.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fused_update.cuh"
+
+namespace dsl_fused_cuda {
+namespace {
+
+constexpr int kWarps = 4;  // warps per thread block
+constexpr unsigned kFull = 0xffffffffu;
+
+// Per-warp shared memory: acc[D] floats, act_slot/act_j/bad [NB] ints, rowmean/rows1 [NB]
+// floats; rounded up to 16 bytes.
+__host__ __device__ __forceinline__ int64_t smem_per_warp(int64_t D, int64_t NB) {
+  return ((4 * D + 20 * NB) + 15) / 16 * 16;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_f(const T* p);
+template <>
+__device__ __forceinline__ float load_f<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(*p); }
+template <>
+__device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ bool finite(float x) { return isfinite(x); }
+
+// One element of the update (see dsl_kernels/fused.py::apply_rows for the formulas).
+// g already includes the L2 weight decay; rowsq is the block's mean of g^2 (row-wise Adagrad).
+__device__ __forceinline__ void update_elem(const FusedArgs& a, float g, float p, float s1,
+                                            float s2, float rowmean, float& np, float& n1,
+                                            float& n2) {
+  switch (a.optimizer) {
+    case 0:
+      np = __fsub_rn(p, __fmul_rn(a.lr, g));
+      break;
+    case 1:
+      n1 = __fadd_rn(s1, __fmul_rn(g, g));
+      np = __fsub_rn(p, __fdiv_rn(__fmul_rn(a.lr, g), __fadd_rn(__fsqrt_rn(n1), a.eps)));
+      break;
+    case 2:
+      n1 = __fadd_rn(s1, rowmean);
+      np = __fsub_rn(p, __fdiv_rn(__fmul_rn(a.lr, g), __fadd_rn(__fsqrt_rn(n1), a.eps)));
+      break;
+    default: {
+      const float pk =
+          a.optimizer == 4 ? __fmul_rn(p, __fsub_rn(1.0f, __fmul_rn(a.lr, a.weight_decay))) : p;
+      n1 = __fadd_rn(s1, __fmul_rn(__fsub_rn(g, s1), __fsub_rn(1.0f, a.beta1)));
+      n2 = __fadd_rn(s2, __fmul_rn(__fsub_rn(__fmul_rn(g, g), s2), __fsub_rn(1.0f, a.beta2)));
+      np = __fsub_rn(pk,
+                     __fmul_rn(a.step_size, __fdiv_rn(n1, __fadd_rn(__fsqrt_rn(n2), a.eps))));
+    }
+  }
+}
+
+template <typename T>
+__global__ void partial_kernel(FusedArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (c >= a.num_chunks) return;
+  const T* go = static_cast<const T*>(a.grad_out);
+  const int64_t lo = a.chunk_lo[c], hi = a.chunk_hi[c], D = a.D;
+  for (int64_t base = 0; base < D; base += 128) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t e = lo; e < hi; ++e) {
+      const int64_t i = a.perm[e];
+      const int64_t b = a.bag[i];
+      const float s = a.scale ? a.scale[i] : 1.0f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t col = base + lane + 32 * u;
+        if (col < D) {
+          const float gv = load_f<T>(go + b * D + col);
+          if (a.max_idx) {
+            if (a.max_idx[b * D + col] == i) acc[u] = __fadd_rn(acc[u], gv);
+          } else {
+            acc[u] = __fadd_rn(acc[u], __fmul_rn(gv, s));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t col = base + lane + 32 * u;
+      if (col < D) a.partial[c * D + col] = acc[u];
+    }
+  }
+}
+
+template <typename T>
+__global__ void update_kernel(FusedArgs a, bool from_partial) {
+  extern __shared__ unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t D = a.D, NB = a.NB, B = a.B, W = a.W;
+  unsigned char* mine = smem_raw + warp * smem_per_warp(D, NB);
+  float* acc = reinterpret_cast<float*>(mine);
+  int* act_slot = reinterpret_cast<int*>(acc + D);
+  int* act_j = act_slot + NB;
+  int* bad = act_j + NB;
+  float* rowmean = reinterpret_cast<float*>(bad + NB);  // row-wise Adagrad: mean g^2 per block
+  float* rows1 = rowmean + NB;                          // and its state before the update
+
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (q >= (from_partial ? a.num_heavy : a.num_light)) return;
+  const int64_t r = from_partial ? a.heavy[q] : a.light[q];
+  const int64_t row = a.run_rows[r];
+  const uint64_t* m = reinterpret_cast<const uint64_t*>(a.row_mask) + row * W;
+  const int64_t pos0 = a.row_ptr[row];
+
+  // 1. Active, non-frozen blocks of the row, compacted in column order.
+  int nact = 0;
+  for (int64_t j0 = 0; j0 < NB; j0 += 32) {
+    const int64_t j = j0 + lane;
+    bool on = false;
+    int64_t slot = -1;
+    if (j < NB) {
+      const uint64_t word = m[j >> 6];
+      const int bit = static_cast<int>(j & 63);
+      on = (word >> bit) & 1ull;
+      if (on) {
+        int64_t rank = __popcll(word & ((1ull << bit) - 1ull));
+        for (int64_t u = 0; u < (j >> 6); ++u) rank += __popcll(m[u]);
+        slot = a.row_slots[pos0 + rank];
+        if (slot < 0 || slot >= a.C) on = false;  // corrupt index: never write out of bounds
+        else if (a.frozen && a.frozen[slot]) on = false;
+      }
+    }
+    const unsigned ballot = __ballot_sync(kFull, on);
+    if (on) {
+      const int k = nact + __popc(ballot & ((1u << lane) - 1u));
+      act_slot[k] = static_cast<int>(slot);
+      act_j[k] = static_cast<int>(j);
+      bad[k] = 0;
+    }
+    nact += __popc(ballot);
+  }
+  __syncwarp();
+  if (nact == 0) return;
+  const int64_t K = static_cast<int64_t>(nact) * B;
+
+  // 2. Gradient of the active columns.
+  for (int64_t t = lane; t < K; t += 32) acc[t] = 0.0f;
+  if (from_partial) {
+    const int64_t c0 = a.chunk_ptr[q], c1 = a.chunk_ptr[q + 1];
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t t = lane; t < K; t += 32) {
+        const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
+        acc[t] = __fadd_rn(acc[t], a.partial[c * D + col]);
+      }
+  } else {
+    const T* go = static_cast<const T*>(a.grad_out);
+    const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t i = a.perm[e];
+      const int64_t b = a.bag[i];
+      const float s = a.scale ? a.scale[i] : 1.0f;
+      for (int64_t t = lane; t < K; t += 32) {
+        const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
+        const float gv = load_f<T>(go + b * D + col);
+        if (a.max_idx) {
+          if (a.max_idx[b * D + col] == i) acc[t] = __fadd_rn(acc[t], gv);
+        } else {
+          acc[t] = __fadd_rn(acc[t], __fmul_rn(gv, s));
+        }
+      }
+    }
+  }
+  __syncwarp();
+
+  // 3. Optimizer. L2 weight decay first (into acc, so row-wise Adagrad sees the decayed g).
+  T* vals = static_cast<T*>(a.values);
+  if (a.optimizer != 4 && a.weight_decay != 0.0f) {
+    for (int64_t t = lane; t < K; t += 32) {
+      const float p = load_f<T>(vals + static_cast<int64_t>(act_slot[t / B]) * B + t % B);
+      acc[t] = __fadd_rn(acc[t], __fmul_rn(a.weight_decay, p));
+    }
+    __syncwarp();
+  }
+  // Row-wise Adagrad reads every column of a block and writes one state per block: snapshot
+  // both per block first, so a lane's write can never race with another lane's read.
+  if (a.optimizer == 2) {
+    for (int64_t blk = lane; blk < nact; blk += 32) {
+      float sq = 0.0f;
+      for (int64_t u = 0; u < B; ++u) {
+        const float gu = acc[blk * B + u];
+        sq = __fadd_rn(sq, __fmul_rn(gu, gu));
+      }
+      rowmean[blk] = __fdiv_rn(sq, static_cast<float>(B));
+      rows1[blk] = a.state1[act_slot[blk]];
+    }
+    __syncwarp();
+  }
+  // Two passes when non-finite updates must be skipped: flag the blocks, then write the others.
+  for (int pass = a.nan_check ? 0 : 1; pass < 2; ++pass) {
+    for (int64_t t = lane; t < K; t += 32) {
+      const int64_t blk = t / B, k = t % B;
+      const int64_t slot = act_slot[blk];
+      const float g = acc[t];
+      const float p = load_f<T>(vals + slot * B + k);
+      float rm = 0.0f, s1 = 0.0f, s2 = 0.0f;
+      if (a.optimizer == 2) {
+        rm = rowmean[blk];
+        s1 = rows1[blk];
+      } else if (a.optimizer != 0) {
+        s1 = a.state1[slot * B + k];
+        if (a.optimizer >= 3) s2 = a.state2[slot * B + k];
+      }
+      float np = p, n1 = s1, n2 = s2;
+      update_elem(a, g, p, s1, s2, rm, np, n1, n2);
+      const T out = from_f<T>(np);
+      if (pass == 0) {
+        const bool ok = finite(load_f<T>(&out)) && finite(n1) && finite(n2);
+        if (!ok) atomicOr(&bad[blk], 1);
+        continue;
+      }
+      if (a.nan_check && bad[blk]) {
+        if (k == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.skipped), 1ull);
+        continue;
+      }
+      vals[slot * B + k] = out;
+      if (a.optimizer == 2) {
+        if (k == 0) a.state1[slot] = n1;
+      } else if (a.optimizer != 0) {
+        a.state1[slot * B + k] = n1;
+        if (a.optimizer >= 3) a.state2[slot * B + k] = n2;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const FusedArgs& a, cudaStream_t stream) {
+  const dim3 block(32 * kWarps);
+  if (a.num_chunks > 0) {
+    const dim3 grid(static_cast<unsigned>((a.num_chunks + kWarps - 1) / kWarps));
+    partial_kernel<T><<<grid, block, 0, stream>>>(a);
+  }
+  const int64_t smem = fused_update_smem_bytes(a.D, a.NB);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(
+        update_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  if (a.num_light > 0) {
+    const dim3 grid(static_cast<unsigned>((a.num_light + kWarps - 1) / kWarps));
+    update_kernel<T><<<grid, block, smem, stream>>>(a, false);
+  }
+  if (a.num_heavy > 0) {
+    const dim3 grid(static_cast<unsigned>((a.num_heavy + kWarps - 1) / kWarps));
+    update_kernel<T><<<grid, block, smem, stream>>>(a, true);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t fused_update_smem_bytes(int64_t D, int64_t NB) { return smem_per_warp(D, NB) * kWarps; }
+
+cudaError_t launch_fused_update_rows(const FusedArgs& a, cudaStream_t stream) {
+  switch (a.value_type) {
+    case kF16:
+      return launch_typed<__half>(a, stream);
+    case kBF16:
+      return launch_typed<__nv_bfloat16>(a, stream);
+    default:
+      return launch_typed<float>(a, stream);
+  }
+}
+
+}  // namespace dsl_fused_cuda

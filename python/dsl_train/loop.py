@@ -1,0 +1,398 @@
+"""Training loops: ranking (MF / LightGCN), CTR (DLRM) and prequential streams.
+
+Each ``run_*`` function trains one configuration, shows a tqdm bar with the live loss and the
+last metric, writes ``<out>/<name>.json`` and ``<out>/<name>.png`` and returns the report dict.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import report as rpt
+from .data import CTRData, EventStream, InteractionData, events_to_split, stream_windows
+from .methods import Controller, MethodConfig, backends_in_use, make_collection, make_table
+from .metrics import auc, log_loss, ranking_metrics, to_csr
+from .models import DLRM, LightGCN, MF
+
+
+@dataclass
+class TrainConfig:
+    """Model- and loop-level settings (the method's are in :class:`MethodConfig`)."""
+
+    model: str = "mf"              # mf | lightgcn | dlrm
+    epochs: int = 10
+    batch_size: int = 2048
+    lr: float = 1e-3
+    reg: float = 1e-4              # L2 on the batch's embeddings (LightGCN's convention)
+    dim: int = 64
+    layers: int = 3                # LightGCN propagation layers
+    k: int = 20                    # Recall@k / NDCG@k
+    eval_every: int = 1
+    eval_users: Optional[int] = None  # users sampled for intermediate evaluations (final: all)
+    optimizer: str = "adam"
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    out: str = "runs"
+    name: Optional[str] = None
+    plot: bool = True
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when torch sees a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    return dev
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer_factory(tcfg: TrainConfig):
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if tcfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=tcfg.lr)
+        if tcfg.optimizer == "adagrad":
+            return torch.optim.Adagrad(params, lr=tcfg.lr)
+        if tcfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=tcfg.lr)
+        raise ValueError(f"--optimizer must be adam, adagrad or sgd, got {tcfg.optimizer!r}")
+    return make
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class NegativeSampler:
+    """Uniform negative items, resampled (a few rounds) when they hit a user's positives."""
+
+    def __init__(self, users: Tensor, items: Tensor, num_items: int, device: torch.device):
+        self.num_items = num_items
+        self.keys = torch.sort(users.to(device) * num_items + items.to(device)).values
+
+    def _is_pos(self, users: Tensor, items: Tensor) -> Tensor:
+        if self.keys.numel() == 0:
+            return torch.zeros_like(users, dtype=torch.bool)
+        q = users * self.num_items + items
+        pos = torch.searchsorted(self.keys, q).clamp(max=self.keys.numel() - 1)
+        return self.keys[pos] == q
+
+    def sample(self, users: Tensor) -> Tensor:
+        neg = torch.randint(self.num_items, users.shape, device=users.device)
+        for _ in range(8):
+            bad = self._is_pos(users, neg)
+            if not bool(bad.any()):
+                break
+            neg[bad] = torch.randint(self.num_items, (int(bad.sum()),), device=users.device)
+        return neg
+
+
+def _run_name(tcfg: TrainConfig, mcfg: MethodConfig, data_name: str) -> str:
+    if tcfg.name:
+        return tcfg.name
+    d = f"-d{mcfg.density:g}" if mcfg.sparse else ""
+    return f"{tcfg.model}-{data_name}-{mcfg.method}{d}-s{tcfg.seed}"
+
+
+def _base_report(task: str, tcfg: TrainConfig, mcfg: MethodConfig, data_summary: str,
+                 dev: torch.device) -> dict:
+    return {"task": task, "data": data_summary, "device": str(dev),
+            "torch": torch.__version__, "train_config": asdict(tcfg),
+            "method_config": mcfg.to_dict(), "epochs": []}
+
+
+def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar) -> Tuple[float, float]:
+    n = users.numel()
+    perm = torch.randperm(n, device=users.device)
+    tot = tot_b = 0.0
+    steps = 0
+    for lo in range(0, n, bs):
+        idx = perm[lo:lo + bs]
+        u, p = users[idx], items[idx]
+        q = sampler.sample(u)
+        loss, b = model.loss(u, p, q, reg)
+        ctl.zero_grad()
+        loss.backward()
+        ctl.step()
+        steps += 1
+        tot += float(loss.detach())
+        tot_b += float(b.detach())
+        bar.update(1)
+        bar.set_postfix_str(f"loss={tot / steps:.4f}" + getattr(bar, "_metric", ""))
+    return tot / max(1, steps), tot_b / max(1, steps)
+
+
+def _eval_ranking(model, train_csr, test_csr, num_items, k, users=None) -> Dict[str, float]:
+    model.eval()
+    model.prepare_eval()
+    try:
+        m = ranking_metrics(model.score_users, train_csr, test_csr, num_items, k=k, users=users)
+    finally:
+        model.end_eval()
+        model.train()
+    return {f"recall@{k}": m["recall"], f"ndcg@{k}": m["ndcg"], "eval_users": m["users"]}
+
+
+def build_ranking_model(tcfg: TrainConfig, mcfg: MethodConfig, num_users: int, num_items: int,
+                        train_users: Tensor, train_items: Tensor, dev: torch.device) -> nn.Module:
+    emb = make_table(mcfg, num_users + num_items, tcfg.dim, device=dev)
+    if tcfg.model == "mf":
+        return MF(num_users, num_items, emb)
+    if tcfg.model == "lightgcn":
+        return LightGCN(num_users, num_items, emb, train_users, train_items, tcfg.layers)
+    raise ValueError(f"ranking model must be mf or lightgcn, got {tcfg.model!r}")
+
+
+def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) -> dict:
+    """Train MF or LightGCN with BPR on ``data``; Recall/NDCG@k on the test split."""
+    if data.num_train == 0:
+        raise ValueError(f"{data.name}: no training interactions")
+    seed_all(tcfg.seed)
+    dev = pick_device(tcfg.device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    tu, ti = data.train_users.to(dev), data.train_items.to(dev)
+    model = build_ranking_model(tcfg, mcfg, data.num_users, data.num_items, data.train_users,
+                                data.train_items, dev)
+    steps_per_epoch = math.ceil(data.num_train / tcfg.batch_size)
+    ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
+                     tcfg.epochs)
+    sampler = NegativeSampler(tu, ti, data.num_items, dev)
+    train_csr = to_csr(data.train_users, data.train_items, data.num_users)
+    test_csr = to_csr(data.test_users, data.test_items, data.num_users)
+    eval_sample = None
+    if tcfg.eval_users and tcfg.eval_users < data.num_users:
+        g = torch.Generator().manual_seed(tcfg.seed + 7)
+        eval_sample = torch.randperm(data.num_users, generator=g)[:tcfg.eval_users]
+    name = _run_name(tcfg, mcfg, data.name)
+    rep = _base_report(tcfg.model, tcfg, mcfg, data.summary(), dev)
+    rep["name"] = name
+    rep["backends"] = backends_in_use(model)
+    k = tcfg.k
+    t_run = time.perf_counter()
+    bar = _bar(steps_per_epoch * tcfg.epochs, name, tcfg.progress)
+    bar._metric = ""
+    last = {}
+    for ep in range(tcfg.epochs):
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss, b = _ranking_epoch(model, ctl, tu, ti, sampler, tcfg.batch_size, tcfg.reg, bar)
+        trained_bytes = rpt.memory_report(model, ctl.optimizer)["embedding_total_bytes"]
+        note = ctl.end_epoch(ep)
+        _sync(dev)
+        row = {"epoch": ep + 1, "loss": loss, "bpr": b, "time_s": time.perf_counter() - t0}
+        final = ep + 1 == tcfg.epochs
+        if final or (tcfg.eval_every and (ep + 1) % tcfg.eval_every == 0):
+            t1 = time.perf_counter()
+            last = _eval_ranking(model, train_csr, test_csr, data.num_items, k,
+                                 None if final else eval_sample)
+            row.update(last)
+            row["eval_time_s"] = time.perf_counter() - t1
+            bar._metric = f" R@{k}={last[f'recall@{k}']:.4f}"
+        row.update(ctl.stats())
+        row["embedding_total_bytes"] = trained_bytes  # what this epoch trained with
+        if note:
+            row["note"] = note
+        rep["epochs"].append(row)
+    bar.close()
+    rep["wall_time_s"] = time.perf_counter() - t_run
+    rep["final"] = {key: last.get(key) for key in (f"recall@{k}", f"ndcg@{k}")}
+    rep["final"]["density"] = ctl.stats()["density"]
+    rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
+    rep["memory"]["max_embedding_total_bytes"] = max(r["embedding_total_bytes"]
+                                                     for r in rep["epochs"])
+    return _save(rep, tcfg, {f"{mcfg.method}": [r.get(f"recall@{k}") for r in rep["epochs"]]},
+                 f"recall@{k}")
+
+
+def _save(rep: dict, tcfg: TrainConfig, curves: Dict[str, Sequence], metric: str) -> dict:
+    os.makedirs(tcfg.out, exist_ok=True)
+    base = os.path.join(tcfg.out, rep["name"])
+    rep["files"] = {"json": base + ".json"}
+    if tcfg.plot:
+        rep["files"]["plot"] = rpt.plot_curves(base + ".png", curves, metric,
+                                               title=rep["name"])
+    rpt.write_json(base + ".json", rep)
+    return rep
+
+
+# ----------------------------------------------------------------------------- CTR
+
+
+@torch.no_grad()
+def _eval_ctr(model, data: CTRData, dev, bs: int = 8192) -> Dict[str, float]:
+    model.eval()
+    probs = []
+    for lo in range(0, len(data), bs):
+        logit = model(data.dense[lo:lo + bs].to(dev), data.sparse[lo:lo + bs].to(dev))
+        probs.append(torch.sigmoid(logit).float().cpu())
+    model.train()
+    p = torch.cat(probs) if probs else torch.zeros(0)
+    return {"auc": auc(p, data.labels), "logloss": log_loss(p, data.labels)}
+
+
+def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig) -> dict:
+    """Train the DLRM-style model with BCE; AUC and log-loss on ``test`` after every epoch.
+    Rows are visited in order (a stream), one pass per epoch."""
+    if len(train) == 0:
+        raise ValueError(f"{train.name}: no training rows")
+    seed_all(tcfg.seed)
+    dev = pick_device(tcfg.device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    tables = make_collection(mcfg, train.table_sizes, train.feature_names, tcfg.dim, device=dev)
+    model = DLRM(train.dense.shape[1], tables, tcfg.dim).to(dev)
+    steps_per_epoch = math.ceil(len(train) / tcfg.batch_size)
+    ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
+                     tcfg.epochs)
+    name = _run_name(tcfg, mcfg, train.name) + ("-skip" if mcfg.skip_stale else "")
+    rep = _base_report("dlrm", tcfg, mcfg, f"{train.name}: {len(train):,} train / "
+                       f"{len(test):,} test rows, {len(train.table_sizes)} tables, "
+                       f"{sum(train.table_sizes):,} rows in all", dev)
+    rep["name"] = name
+    rep["backends"] = backends_in_use(model)
+    dense, sparse, labels = train.dense.to(dev), train.sparse.to(dev), train.labels.to(dev)
+    bce = nn.BCEWithLogitsLoss()
+    bar = _bar(steps_per_epoch * tcfg.epochs, name, tcfg.progress)
+    metric = ""
+    t_run = time.perf_counter()
+    last = {}
+    for ep in range(tcfg.epochs):
+        _sync(dev)
+        t0 = time.perf_counter()
+        tot, steps = 0.0, 0
+        for lo in range(0, len(train), tcfg.batch_size):
+            sl = slice(lo, lo + tcfg.batch_size)
+            logit = model(dense[sl], sparse[sl])
+            loss = bce(logit, labels[sl])
+            ctl.zero_grad()
+            loss.backward()
+            ctl.step()
+            tot += float(loss.detach())
+            steps += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss={tot / steps:.4f}{metric}")
+        trained_bytes = rpt.memory_report(model, ctl.optimizer)["embedding_total_bytes"]
+        note = ctl.end_epoch(ep)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        last = _eval_ctr(model, test, dev)
+        metric = f" auc={last['auc']:.4f}"
+        row = {"epoch": ep + 1, "loss": tot / max(1, steps), "time_s": dt,
+               "step_time_ms": 1000 * dt / max(1, steps), **last, **ctl.stats()}
+        row["embedding_total_bytes"] = trained_bytes
+        if note:
+            row["note"] = note
+        rep["epochs"].append(row)
+    bar.close()
+    rep["wall_time_s"] = time.perf_counter() - t_run
+    rep["final"] = dict(last)
+    rep["final"].update({k: v for k, v in ctl.stats().items()})
+    rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
+    rep["memory"]["max_embedding_total_bytes"] = max(r["embedding_total_bytes"]
+                                                     for r in rep["epochs"])
+    return _save(rep, tcfg, {mcfg.method: [r["auc"] for r in rep["epochs"]]}, "auc")
+
+
+# ----------------------------------------------------------------------------- streams
+
+STREAM_VARIANTS = ("dense", "adaptive", "frozen", "static")
+
+
+def stream_method(variant: str, mcfg: MethodConfig) -> MethodConfig:
+    """The method config of a stream variant: ``dense``; ``adaptive`` (DSL mask updates continue
+    over the whole stream); ``frozen`` (DSL mask updates during the first window only, then the
+    mask is frozen); ``static`` (random mask, never updated)."""
+    d = mcfg.to_dict()
+    if variant == "dense":
+        d.update(method="dense", density=1.0)
+    elif variant in ("adaptive", "frozen"):
+        d.update(method="dsl")
+    elif variant == "static":
+        d.update(method="static")
+    else:
+        raise ValueError(f"stream variants are {', '.join(STREAM_VARIANTS)}, got {variant!r}")
+    return MethodConfig(**d)
+
+
+def run_stream(stream: EventStream, num_windows: int, variant: str, tcfg: TrainConfig,
+               mcfg: MethodConfig) -> dict:
+    """Prequential MF-BPR on a time-ordered stream: for each window ``t`` train ``epochs``
+    passes on it, then rank all items the user has not interacted with so far and score the
+    user's new items of window ``t + 1`` (Recall/NDCG@k)."""
+    windows = stream_windows(stream, num_windows)
+    seed_all(tcfg.seed)
+    dev = pick_device(tcfg.device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    m = stream_method(variant, mcfg)
+    nu, ni = stream.num_users, stream.num_items
+    model = MF(nu, ni, make_table(m, nu + ni, tcfg.dim, device=dev))
+    steps = [tcfg.epochs * math.ceil(len(events_to_split(*w)[0]) / tcfg.batch_size)
+             for w in windows[:-1]]
+    total = sum(steps)
+    stop = steps[0] if variant == "frozen" else total
+    ctl = Controller(m, model, make_optimizer_factory(tcfg), total, tcfg.epochs, stop_step=stop)
+    k = tcfg.k
+    name = tcfg.name or f"stream-{stream.name}-{variant}" + (
+        f"-d{m.density:g}" if m.sparse else "") + f"-s{tcfg.seed}"
+    rep = _base_report("stream", tcfg, m, f"{stream.name}: {len(stream):,} events, {nu:,} users, "
+                       f"{ni:,} items, {num_windows} windows", dev)
+    rep.update(name=name, variant=variant, backends=backends_in_use(model))
+    seen_u = torch.zeros(0, dtype=torch.int64)
+    seen_i = torch.zeros(0, dtype=torch.int64)
+    bar = _bar(total, name, tcfg.progress)
+    bar._metric = ""
+    t_run = time.perf_counter()
+    for t in range(num_windows - 1):
+        wu, wi = events_to_split(*windows[t])
+        seen_u, seen_i = events_to_split(torch.cat([seen_u, wu]), torch.cat([seen_i, wi]))
+        sampler = NegativeSampler(seen_u, seen_i, ni, dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = float("nan")
+        for _ in range(tcfg.epochs):
+            loss, _ = _ranking_epoch(model, ctl, wu.to(dev), wi.to(dev), sampler,
+                                     tcfg.batch_size, tcfg.reg, bar)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        # Next window's new interactions are the test set; everything seen so far is excluded.
+        nu_, ni_ = events_to_split(*windows[t + 1])
+        seen_keys = seen_u * ni + seen_i
+        new = ~torch.isin(nu_ * ni + ni_, seen_keys)
+        met = _eval_ranking(model, to_csr(seen_u, seen_i, nu), to_csr(nu_[new], ni_[new], nu),
+                            ni, k)
+        bar._metric = f" R@{k}={met[f'recall@{k}']:.4f}"
+        rep["epochs"].append({"window": t + 1, "loss": loss, "time_s": dt, **met, **ctl.stats()})
+    bar.close()
+    rep["wall_time_s"] = time.perf_counter() - t_run
+    recs = [r[f"recall@{k}"] for r in rep["epochs"] if r[f"recall@{k}"] == r[f"recall@{k}"]]
+    ndcgs = [r[f"ndcg@{k}"] for r in rep["epochs"] if r[f"ndcg@{k}"] == r[f"ndcg@{k}"]]
+    rep["final"] = {f"prequential_recall@{k}": sum(recs) / max(1, len(recs)),
+                    f"prequential_ndcg@{k}": sum(ndcgs) / max(1, len(ndcgs)),
+                    "density": ctl.stats()["density"]}
+    rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
+    return _save(rep, tcfg, {variant: [r[f"recall@{k}"] for r in rep["epochs"]]}, f"recall@{k}")

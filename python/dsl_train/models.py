@@ -1,0 +1,247 @@
+"""The three recommendation models, written against any embedding module.
+
+Each model takes its embedding table(s) from the caller (``methods.make_table`` /
+``methods.make_collection``): a stock ``nn.Embedding`` / ``nn.EmbeddingBag`` for the dense
+baseline or a ``dsl_kernels`` sparse module. ``embedding_modules()`` names the tables so the method
+controller can swap one (magnitude pruning) and the memory report can measure them.
+
+* :class:`MF` - matrix factorisation with the BPR loss; users and items share one table of
+  ``num_users + num_items`` rows (items after users), so a global sparsity criterion can move the
+  budget between the user and the item side.
+* :class:`LightGCN` - LightGCN (He et al., SIGIR 2020): ``K`` propagation layers over the
+  symmetric-normalised user-item adjacency (a ``torch.sparse`` matrix), layer mean, BPR loss, L2
+  on the batch's layer-0 embeddings.
+* :class:`DLRM` - DLRM-style CTR model: bottom MLP on the dense features, one embedding bag per
+  categorical feature, pairwise dot interaction, top MLP, BCE.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def all_rows(emb: nn.Module, num_rows: int) -> Tensor:
+    """Every row of a table as a ``[num_rows, D]`` activation (LightGCN's layer 0, evaluation).
+
+    Dense tables return their weight; sparse ones are looked up (inactive blocks read 0), so
+    the gradient still lands only in the active slots."""
+    if isinstance(emb, nn.Embedding):
+        return emb.weight
+    dev = next(emb.parameters()).device
+    return emb(torch.arange(num_rows, device=dev))
+
+
+def bpr(pos: Tensor, neg: Tensor) -> Tensor:
+    """Bayesian personalised ranking loss ``-log sigmoid(pos - neg)``, mean over the batch."""
+    return F.softplus(neg - pos).mean()
+
+
+class MF(nn.Module):
+    """Matrix factorisation: ``score(u, i) = <e_u, e_{num_users + i}>``.
+
+    >>> import torch
+    >>> m = MF(3, 4, torch.nn.Embedding(7, 8))
+    >>> loss, _ = m.loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 1]), 1e-4)
+    >>> loss.dim(), m.score_users(torch.tensor([0, 2])).shape
+    (0, torch.Size([2, 4]))
+    """
+
+    def __init__(self, num_users: int, num_items: int, emb: nn.Module):
+        super().__init__()
+        self.num_users, self.num_items = num_users, num_items
+        self.emb = emb
+        self._cache = None
+
+    def embedding_modules(self) -> Dict[str, nn.Module]:
+        return {"emb": self.emb}
+
+    def replace_embedding(self, name: str, module: nn.Module) -> None:
+        assert name == "emb"
+        self.emb = module
+
+    def loss(self, users: Tensor, pos: Tensor, neg: Tensor, reg: float):
+        """(BPR + ``reg`` * L2 of the batch's embeddings / batch, the BPR part alone)."""
+        n = users.numel()
+        nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
+        e = self.emb(nodes)
+        eu, ep, en = e[:n], e[n:2 * n], e[2 * n:]
+        b = bpr((eu * ep).sum(1), (eu * en).sum(1))
+        l2 = 0.5 * e.pow(2).sum() / n
+        return b + reg * l2, b
+
+    @torch.no_grad()
+    def prepare_eval(self) -> None:
+        """Cache the item output matrix for a round of :meth:`score_users` calls."""
+        dev = next(self.emb.parameters()).device
+        items = torch.arange(self.num_users, self.num_users + self.num_items, device=dev)
+        self._cache = self.emb(items)
+
+    def end_eval(self) -> None:
+        self._cache = None
+
+    @torch.no_grad()
+    def score_users(self, users: Tensor) -> Tensor:
+        dev = next(self.emb.parameters()).device
+        items = self._cache
+        if items is None:
+            items = self.emb(torch.arange(self.num_users, self.num_users + self.num_items,
+                                          device=dev))
+        return self.emb(users.to(dev)) @ items.T
+
+
+def normalized_adjacency(num_users: int, num_items: int, users: Tensor, items: Tensor,
+                         device=None) -> Tensor:
+    """``D^-1/2 A D^-1/2`` of the bipartite user-item graph (nodes: users then items) as a
+    coalesced sparse COO tensor ``[U + I, U + I]``.
+
+    >>> a = normalized_adjacency(1, 2, torch.tensor([0, 0]), torch.tensor([0, 1]))
+    >>> a.to_dense()[0, 1:].tolist()   # user degree 2, item degree 1 -> 1/sqrt(2)
+    [0.7071067690849304, 0.7071067690849304]
+    """
+    n = num_users + num_items
+    r = torch.cat([users, items + num_users])
+    c = torch.cat([items + num_users, users])
+    deg = torch.bincount(r, minlength=n).float()
+    dinv = deg.clamp(min=1).rsqrt()
+    val = dinv[r] * dinv[c]
+    a = torch.sparse_coo_tensor(torch.stack([r, c]), val, (n, n),
+                                check_invariants=False).coalesce()
+    return a.to(device) if device is not None else a
+
+
+class LightGCN(nn.Module):
+    """LightGCN: ``E_final = mean(E_0, A E_0, ..., A^K E_0)`` with ``A`` the normalised
+    adjacency of the training graph; BPR on ``E_final``, L2 on the layer-0 rows of the batch.
+
+    >>> import torch
+    >>> m = LightGCN(2, 3, torch.nn.Embedding(5, 4), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    >>> m.score_users(torch.tensor([0, 1])).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, num_users: int, num_items: int, emb: nn.Module, train_users: Tensor,
+                 train_items: Tensor, layers: int = 3):
+        super().__init__()
+        if layers < 0:
+            raise ValueError(f"layers must be >= 0, got {layers}")
+        self.num_users, self.num_items, self.layers = num_users, num_items, layers
+        self.emb = emb
+        dev = next(emb.parameters()).device
+        self.adj = normalized_adjacency(num_users, num_items, train_users, train_items, dev)
+        self._cache = None
+
+    def embedding_modules(self) -> Dict[str, nn.Module]:
+        return {"emb": self.emb}
+
+    def replace_embedding(self, name: str, module: nn.Module) -> None:
+        assert name == "emb"
+        self.emb = module
+
+    def propagate(self):
+        """(final embeddings, layer-0 embeddings), both ``[U + I, D]`` activations."""
+        e0 = all_rows(self.emb, self.num_users + self.num_items)
+        acc, e = e0, e0
+        for _ in range(self.layers):
+            e = torch.sparse.mm(self.adj, e)
+            acc = acc + e
+        return acc / (self.layers + 1), e0
+
+    def loss(self, users: Tensor, pos: Tensor, neg: Tensor, reg: float):
+        out, e0 = self.propagate()
+        u, p, q = users, pos + self.num_users, neg + self.num_users
+        b = bpr((out[u] * out[p]).sum(1), (out[u] * out[q]).sum(1))
+        l2 = 0.5 * (e0[u].pow(2).sum() + e0[p].pow(2).sum() + e0[q].pow(2).sum()) / users.numel()
+        return b + reg * l2, b
+
+    @torch.no_grad()
+    def prepare_eval(self) -> None:
+        self._cache = self.propagate()[0]
+
+    def end_eval(self) -> None:
+        self._cache = None
+
+    @torch.no_grad()
+    def score_users(self, users: Tensor) -> Tensor:
+        out = self._cache if self._cache is not None else self.propagate()[0]
+        users = users.to(out.device)
+        return out[users] @ out[self.num_users:].T
+
+
+class DenseEmbeddingBagCollection(nn.Module):
+    """The dense baseline of a ``SparseEmbeddingBagCollection``: one stock ``nn.EmbeddingBag``
+    (mode ``sum``) per categorical feature; ``forward(x [B, F]) -> [B, F, D]``."""
+
+    def __init__(self, sizes: Sequence[int], dim: int, init_std: float = 0.05, device=None):
+        super().__init__()
+        self.bags = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", device=device)
+                                  for n in sizes)
+        for b in self.bags:
+            nn.init.normal_(b.weight, std=init_std)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([b(x[:, j:j + 1]) for j, b in enumerate(self.bags)], 1)
+
+
+class SparseTables(nn.Module):
+    """Adapter giving a ``SparseEmbeddingBagCollection`` (``output="concat"``, one table per
+    feature, 1-element bags) the ``[B, F] -> [B, F, D]`` interface of the dense collection."""
+
+    def __init__(self, collection: nn.Module, names: List[str], dim: int):
+        super().__init__()
+        self.collection = collection
+        self.names, self.dim = list(names), dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = {n: x[:, j:j + 1] for j, n in enumerate(self.names)}
+        return self.collection(feats).view(x.shape[0], len(self.names), self.dim)
+
+
+def _mlp(sizes: Sequence[int], last_act: bool) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_act or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    """DLRM-style CTR model: ``logit = top([bottom(x_dense), upper-triangle of Z Z^T])`` with
+    ``Z = [bottom(x_dense); emb_1(x_1); ...; emb_F(x_F)]``.
+
+    >>> import torch
+    >>> m = DLRM(4, DenseEmbeddingBagCollection([10, 20], 8), dim=8)
+    >>> m(torch.rand(3, 4), torch.tensor([[1, 2], [3, 4], [0, 0]])).shape
+    torch.Size([3])
+    """
+
+    def __init__(self, num_dense: int, tables: nn.Module, dim: int,
+                 bottom: Sequence[int] = (64,), top: Sequence[int] = (64, 32)):
+        super().__init__()
+        self.tables = tables
+        self.bottom = _mlp([num_dense, *bottom, dim], last_act=True)
+        nf = self._num_features() + 1
+        self.top = _mlp([dim + nf * (nf - 1) // 2, *top, 1], last_act=False)
+        iu = torch.triu_indices(nf, nf, offset=1)
+        self.register_buffer("_iu", iu, persistent=False)
+
+    def _num_features(self) -> int:
+        t = self.tables
+        return len(t.bags) if isinstance(t, DenseEmbeddingBagCollection) else len(t.names)
+
+    def embedding_modules(self) -> Dict[str, nn.Module]:
+        return {"tables": self.tables}
+
+    def replace_embedding(self, name: str, module: nn.Module) -> None:
+        assert name == "tables"
+        self.tables = module
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        b = self.bottom(dense)
+        z = torch.cat([b.unsqueeze(1), self.tables(sparse)], 1)
+        inter = torch.bmm(z, z.transpose(1, 2))[:, self._iu[0], self._iu[1]]
+        return self.top(torch.cat([b, inter], 1)).squeeze(1)
