@@ -12,9 +12,10 @@ indices Zipf(1.05) with the ranks mapped to rows by a fixed random permutation. 
 Variants:
 
 * ``dense+Adam``            ``nn.EmbeddingBag`` (dense [N, D] gradient) + ``torch.optim.Adam``
+                            (``fused=True``: torch's fastest CPU Adam, for the baseline too)
 * ``sparse+SparseAdam``     ``nn.EmbeddingBag(sparse=True)`` + ``torch.optim.SparseAdam``
-* ``dsl cpu d=<density>``   ``SparseEmbeddingBag(block_size=8, backend="cpu")`` + ``Adam`` on
-                            the ``[C, 8]`` values pool
+* ``dsl cpu d=<density>``   ``SparseEmbeddingBag(block_size=8, backend="cpu")`` + ``Adam``
+                            (``fused=True``) on the ``[C, 8]`` values pool
 * ``dsl reference d=0.1``   the same on the pure-PyTorch reference backend (what the C++ kernels
                             replace)
 
@@ -85,7 +86,8 @@ def run(N: int, D: int, densities, bags: int, pooling: int, iters: int, warmup: 
     torch.manual_seed(0)
     for sparse in (False, True):
         emb = nn.EmbeddingBag(N, D, mode="sum", sparse=sparse)
-        opt = (torch.optim.SparseAdam if sparse else torch.optim.Adam)(emb.parameters(), lr=1e-3)
+        opt = (torch.optim.SparseAdam(emb.parameters(), lr=1e-3) if sparse
+               else torch.optim.Adam(emb.parameters(), lr=1e-3, fused=True))
         step = step_fn(emb, opt, batches)
         ms = time_cpu(step, warmup=warmup, iters=iters)
         state = bytes_of(v for s in opt.state.values() for v in s.values()
@@ -103,7 +105,7 @@ def run(N: int, D: int, densities, bags: int, pooling: int, iters: int, warmup: 
     for backend, density in variants:
         emb = SparseEmbeddingBag(N, D, mode="sum", density=density, block_size=8,
                                  backend=backend)
-        opt = torch.optim.Adam([emb.values], lr=1e-3)
+        opt = torch.optim.Adam([emb.values], lr=1e-3, fused=True)
         step = step_fn(emb, opt, batches)
         ms = time_cpu(step, warmup=warmup, iters=iters if backend == "cpu" else max(2, iters // 2))
         state = bytes_of(v for s in opt.state.values() for v in s.values()
@@ -135,7 +137,10 @@ def main(argv=None):
                with_reference=not args.no_reference)
     table = markdown_table(rows, ["variant", "density", "step ms", "vs dense", "params MB",
                                   "opt state MB"])
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"## CPU training step (forward + backward + optimizer)\n\n{env_header('cpu')}  \n"
+            f"load average at the end of the run (1/5/15 min): {load} on "
+            f"{os.cpu_count()} cores (other jobs on the machine inflate and scatter the times)  \n"
             f"N={N:,}, D={D}, block_size=8, {bags} bags x {pooling} Zipf({ZIPF_S}) indices, fp32, "
             f"{torch.get_num_threads()} threads; median of {iters} steps. `vs dense` = dense "
             f"step time / this step time.\n\n{table}\n")

@@ -131,10 +131,12 @@ def make_indices(cfg: Config, device: str, gen: torch.Generator):
     return idx, offsets
 
 
-def make_pool(cfg: Config, device: str, dtype: torch.dtype, gen: torch.Generator):
-    """Random active blocks (each block active with probability ``density``), in (row, col)
-    order; ``(values, row_ptr, row_slots, row_mask)``. Built in row chunks so no ``[N, NB]``
-    tensor exists for large N."""
+def make_pool(cfg: Config, device: str, dtype: torch.dtype, gen: torch.Generator,
+              shuffle: bool = False):
+    """Random active blocks (each block active with probability ``density``);
+    ``(values, row_ptr, row_slots, row_mask)``. Slots are in (row, col) order, as a freshly
+    initialised module has them, or randomly permuted with ``shuffle`` (a pool after many
+    prune/regrow steps). Built in row chunks so no ``[N, NB]`` tensor exists for large N."""
     from dsl_kernels.triton.rebuild_index import index_from_sorted_keys
 
     NB = cfg.D // cfg.B
@@ -149,7 +151,11 @@ def make_pool(cfg: Config, device: str, dtype: torch.dtype, gen: torch.Generator
             keys.append(torch.nonzero(m).squeeze(1) + r0 * NB)
     keys = torch.cat(keys)
     C = keys.numel()
-    order = torch.arange(C, device=device, dtype=torch.int32 if C < 2 ** 31 else torch.int64)
+    if shuffle:
+        order = torch.randperm(C, device=device, generator=gen)
+    else:
+        order = torch.arange(C, device=device,
+                             dtype=torch.int32 if C < 2 ** 31 else torch.int64)
     row_ptr, row_slots, row_mask = index_from_sorted_keys(keys, order, cfg.N, NB)
     del keys, order
     values = torch.randn(C, cfg.B, device=device, dtype=dtype, generator=gen)
@@ -199,12 +205,12 @@ def sparse_backends(include_reference: bool, include_det: bool) -> Dict[str, Dic
 
 
 def run_config(cfg: Config, backends, device: str, timer, copy_gbs: float, ops: List[str],
-               dtype=torch.float32) -> List[dict]:
+               dtype=torch.float32, shuffle: bool = False) -> List[dict]:
     rows: List[dict] = []
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(repr(cfg).encode()))
     base = dict(N=cfg.N, D=cfg.D, B=cfg.B, density=cfg.density, bag=cfg.bag, dist=cfg.dist)
     idx, offsets = make_indices(cfg, device, gen)
-    values, row_ptr, row_slots, row_mask = make_pool(cfg, device, dtype, gen)
+    values, row_ptr, row_slots, row_mask = make_pool(cfg, device, dtype, gen, shuffle)
     NB = cfg.D // cfg.B
     L, C = idx.numel(), values.shape[0]
     A = int((row_ptr[idx + 1] - row_ptr[idx]).sum())
@@ -340,6 +346,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ops", default="fwd,bwd,fwdbwd")
     ap.add_argument("--reference", action="store_true", help="also time the reference backend")
+    ap.add_argument("--shuffle-slots", action="store_true",
+                    help="random slot order (a pool after many prune/regrow steps) instead of "
+                         "the (row, col) order of a fresh module")
     ap.add_argument("--no-det", action="store_true", help="skip the deterministic backward")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop starting new configs after this many seconds "
@@ -387,7 +396,8 @@ def main(argv=None) -> int:
             break
         tc = time.time()
         try:
-            new = run_config(cfg, backends, device, timer, copy_gbs, ops)
+            new = run_config(cfg, backends, device, timer, copy_gbs, ops,
+                             shuffle=args.shuffle_slots)
         except Exception as e:  # setup failed (e.g. out of memory): report and go on
             new = [dict(N=cfg.N, D=cfg.D, B=cfg.B, density=cfg.density, bag=cfg.bag,
                         dist=cfg.dist, op="-", backend="-",
@@ -416,7 +426,8 @@ def main(argv=None) -> int:
     md = [f"# Kernel benchmark ({'smoke' if args.smoke else 'quick' if args.quick else 'full'})",
           "", header, "", f"Copy bandwidth (device-to-device, read + write): {copy_gbs:.0f} GB/s",
           f"Timing: median of {iters} runs, L2 flushed before each; batch "
-          f"{configs[0].batch if configs else BATCH} bags, mode sum, fp32 values, int64 indices. "
+          f"{configs[0].batch if configs else BATCH} bags, mode sum, fp32 values, int64 indices, "
+          f"slots {'shuffled' if args.shuffle_slots else 'in (row, col) order'}. "
           "Bytes model: see bench/kernels.py docstring.", "",
           "Targets (issue 4): fwd >= 80 % copy, bwd >= 60 %, fwd+bwd faster than dense at "
           "density 0.1.", summary, ""]

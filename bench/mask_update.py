@@ -20,7 +20,8 @@ Columns:
 * ``update ms``: ``scheduler.step()`` at an update (the update itself); ``update/train``: ratio;
 * ``moved``: blocks moved by the update (``k``, capped by the number of scored candidates);
 * ``steady MB``: values + gradient + Adam state + coord + row index;
-* ``update peak MB``: extra memory alive at once during the update, ``peak/steady``:
+* ``update peak MB``: net extra memory alive at once during the update (the old row index is
+  dropped before the new one is built, which counts), ``peak/steady``:
   ``(steady + update peak) / steady`` (the issue's target is <= 1.05); ``op peak MB``: the same
   for ``dsl::prune_regrow_`` alone (without the index rebuild and optimizer reset).
 
@@ -29,7 +30,9 @@ the update as seen by a dispatch-mode recorder (``tests/memcheck.py``; Python bo
 custom ops included; temporaries inside C++ kernels are not seen).
 
 A second table times stale-slot skipping: the hottest slots receiving half of the slot updates
-(Zipf(1.05) indices) frozen vs none frozen, with the scheduler's hold/restore included.
+(Zipf(1.05) indices) frozen vs none frozen, with the scheduler's hold/restore included; with a
+torch optimizer (the dense step still sweeps every slot) and with the fused optimizer of
+``dsl_kernels.fused`` (which skips frozen slots itself).
 
 Writes ``bench/results/mask_update_<device>.md`` and prints the tables.
 """
@@ -66,8 +69,9 @@ def _opt_bytes(opt) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def _peak_extra(fn, device: str) -> int:
-    """Bytes alive at once on top of what existed before ``fn``."""
+def _peak_extra(fn, device: str, watch=None) -> int:
+    """Net bytes alive at once on top of what existed before ``fn`` (CPU: ``watch()`` names
+    pre-existing tensors whose freeing inside ``fn`` counts, e.g. the old row index)."""
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -78,6 +82,8 @@ def _peak_extra(fn, device: str) -> int:
     from memcheck import AllocationRecorder
 
     with AllocationRecorder() as rec:
+        if watch is not None:
+            rec.watch(*watch())
         fn()
     return rec.peak_bytes
 
@@ -118,7 +124,8 @@ def run_case(N: int, D: int, B: int, density: float, frac: float, grow: str, bac
             sched.step()
             continue
         if i == 1:
-            peak = _peak_extra(sched.step, device)
+            peak = _peak_extra(sched.step, device,
+                               lambda: (emb.row_ptr, emb.row_slots, emb.row_mask))
         else:
             t_scores.append(t_s)
             t_update.append(_ms(sched.step, device))
@@ -143,7 +150,7 @@ def run_case(N: int, D: int, B: int, density: float, frac: float, grow: str, bac
 
 
 def run_stale_case(N: int, backend: str, device: str, bags: int, bag_size: int, iters: int,
-                   share: float = 0.5) -> dict:
+                   share: float = 0.5, fused: bool = False) -> dict:
     """Slipstream: time of a training step when the hottest slots, receiving ``share`` of the
     slot updates, are frozen, against none frozen (same scheduler, same Zipf(1.05) batches).
     Detection is bypassed (the frozen set is imposed) to time the mechanism itself: the masked
@@ -154,7 +161,13 @@ def run_stale_case(N: int, backend: str, device: str, bags: int, bag_size: int, 
     torch.manual_seed(0)
     emb = SparseEmbeddingBag(N, 64, mode="sum", density=0.1, block_size=8, device=device,
                              backend=backend)
-    opt = torch.optim.Adam(emb.parameters(), lr=1e-3)
+    if fused:  # dsl_kernels.fused: the fused update itself skips frozen slots
+        from dsl_kernels.fused import fuse_optimizer
+
+        fuse_optimizer(emb, "adam", lr=1e-3)
+        opt = None
+    else:
+        opt = torch.optim.Adam(emb.parameters(), lr=1e-3)
     sched = DSLScheduler(emb, opt, update_every=10 ** 9, stop_at=10 ** 9 + 1, skip_stale=True,
                          stale_window=10 ** 9)
     tr = sched.pools[0].tracker
@@ -166,9 +179,11 @@ def run_stale_case(N: int, backend: str, device: str, bags: int, bag_size: int, 
     it = [0]
 
     def train():
-        opt.zero_grad()
+        if opt is not None:
+            opt.zero_grad()
         emb(batches[it[0] % 4]).pow(2).sum().backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         sched.step()
         it[0] += 1
 
@@ -186,13 +201,14 @@ def run_stale_case(N: int, backend: str, device: str, bags: int, bag_size: int, 
     t_frozen = statistics.median(_ms(train, device) for _ in range(iters))
     skipped = (tr.skipped - s0) / max(1, tr.touches - t0)
     sched.close()
-    return {"N": N, "backend": backend, "frozen slots %": 100.0 * n_frozen / emb.budget,
+    return {"N": N, "backend": backend, "optimizer": "fused adam" if fused else "torch Adam",
+            "frozen slots %": 100.0 * n_frozen / emb.budget,
             "skipped updates %": 100.0 * skipped, "train ms (none frozen)": t_none,
             "train ms (frozen)": t_frozen, "saved %": 100.0 * (1 - t_frozen / t_none)}
 
 
-STALE_COLUMNS = ["N", "backend", "frozen slots %", "skipped updates %", "train ms (none frozen)",
-                 "train ms (frozen)", "saved %"]
+STALE_COLUMNS = ["N", "backend", "optimizer", "frozen slots %", "skipped updates %",
+                 "train ms (none frozen)", "train ms (frozen)", "saved %"]
 
 COLUMNS = ["N", "B", "density", "alpha", "grow", "backend", "train ms", "+scores ms",
            "update ms", "update/train", "moved", "steady MB", "update peak MB", "peak/steady",
@@ -235,12 +251,15 @@ def main(argv=None) -> str:
     stale_rows = []
     for N in sizes:
         for backend in backends:
-            try:
-                r = run_stale_case(N, backend, args.device, args.bags, args.bag_size, args.iters)
-            except Exception as e:
-                r = {"N": N, "backend": backend, "saved %": f"error: {type(e).__name__}: {e}"[:120]}
-            stale_rows.append(r)
-            print(markdown_table([r], STALE_COLUMNS).splitlines()[-1], flush=True)
+            for fz in (False, True):
+                try:
+                    r = run_stale_case(N, backend, args.device, args.bags, args.bag_size,
+                                       args.iters, fused=fz)
+                except Exception as e:
+                    r = {"N": N, "backend": backend,
+                         "saved %": f"error: {type(e).__name__}: {e}"[:120]}
+                stale_rows.append(r)
+                print(markdown_table([r], STALE_COLUMNS).splitlines()[-1], flush=True)
     table += ("\n\n## Stale-slot skipping (Slipstream)\n\nHottest slots holding half of the "
               "slot updates frozen (Zipf(1.05) indices), against none frozen; includes the "
               "scheduler's hold/restore of frozen slots around optimizer.step().\n\n"

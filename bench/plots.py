@@ -28,8 +28,10 @@ def _f(r: Dict[str, str], key: str):
 
 SERIES = [("dsl", "dsl (unfused, Adam)", "o-"), ("fused", "dsl fused Adam", "s-"),
           ("fused_stale", "dsl fused + stale skipping", "^-")]
-BASELINES = [("dense", "dense + Adam", "k"), ("sparse", "sparse=True + SparseAdam", "tab:red"),
-             ("compiled", "torch.compile dense + Adam", "tab:gray")]
+# Distinct dash patterns: the baselines often coincide (same memory), all must stay visible.
+BASELINES = [("dense", "dense + Adam", "k", "--"),
+             ("sparse", "sparse=True + SparseAdam", "tab:red", ":"),
+             ("compiled", "torch.compile dense + Adam", "tab:gray", "-.")]
 
 
 def plot_e2e(csv_path: str) -> List[str]:
@@ -58,10 +60,10 @@ def plot_e2e(csv_path: str) -> List[str]:
                          if r.get("kind") == kind and value(r) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        for kind, label, color in BASELINES:
+        for kind, label, color, ls in BASELINES:
             vals = [value(r) for r in rows if r.get("kind") == kind and value(r) is not None]
             if vals:
-                ax.axhline(vals[0], color=color, ls="--", lw=1.2, label=label)
+                ax.axhline(vals[0], color=color, ls=ls, lw=1.5, label=label)
         ax.set_xlabel("density (share of blocks stored)")
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")

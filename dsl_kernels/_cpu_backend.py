@@ -16,6 +16,7 @@ tensor([ 2,  0, -1], dtype=torch.int32)
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -30,10 +31,12 @@ def _import_extension():
     try:
         from . import _C  # noqa: F401  (importing registers torch.ops.dsl_C.*)
     except ImportError as e:
-        raise ImportError(
-            f"the C++ extension dsl_kernels._C is not built or cannot be loaded ({e}); build it "
-            f"with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
-            f"--inplace`)") from e
+        msg = (f"the C++ extension dsl_kernels._C is not built or cannot be loaded ({e}); build "
+               f"it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+               f"--inplace`)")
+        warnings.warn(msg + "; falling back to the reference backend for CPU tensors",
+                      RuntimeWarning, stacklevel=2)
+        raise ImportError(msg) from e
     return _C
 
 

@@ -16,6 +16,7 @@ tensor([ 2,  0, -1], device='cuda:0', dtype=torch.int32)
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -36,9 +37,11 @@ def load():
     try:
         from . import _C_cuda  # noqa: F401  (registers the CUDA kernels)
     except ImportError as e:
-        raise ImportError(
-            f"the CUDA extension dsl_kernels._C_cuda is not built or cannot be loaded ({e}); "
-            f"build it with `pip install --no-build-isolation -e .` where nvcc is found "
-            f"(DSL_KERNELS_CUDA=1 forces it)") from e
+        msg = (f"the CUDA extension dsl_kernels._C_cuda is not built or cannot be loaded ({e}); "
+               f"build it with `pip install --no-build-isolation -e .` where nvcc is found "
+               f"(DSL_KERNELS_CUDA=1 forces it)")
+        warnings.warn(msg + "; falling back to Triton or the reference backend for CUDA "
+                      "tensors", RuntimeWarning, stacklevel=2)
+        raise ImportError(msg) from e
     _cpu_backend.register_fakes()
     return sys.modules[__name__]

@@ -158,7 +158,7 @@ def reference_fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, ro
 
 
 def touched_rows_plan(indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
-                      mode: int, padding_idx: int
+                      mode: int, padding_idx: int, num_rows: Optional[int] = None
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Entries grouped by row, the work list of the fused kernels (all batch-sized):
 
@@ -190,12 +190,16 @@ def touched_rows_plan(indices: Tensor, offsets: Tensor, per_sample_weights: Opti
             counts.index_add_(0, bag, keep.float())
             scale = scale / counts.clamp(min=1.0)[bag]
     # Dropped entries sort last under a key past every row; cut them off after the sort.
-    big = torch.iinfo(torch.int64).max
-    key = torch.where(keep, idx, torch.full_like(idx, big))
+    # 32-bit keys when row ids allow: half the radix passes of a 64-bit sort on the GPU.
+    top = num_rows if num_rows is not None else (int(idx.max()) + 1 if L else 0)  # no sync if given
+    kdt = torch.int32 if top < 2 ** 31 - 1 else torch.int64
+    big = torch.iinfo(kdt).max
+    key = torch.where(keep, idx, torch.full_like(idx, big)).to(kdt)
     skey, perm = torch.sort(key, stable=True)
     run_rows, counts = torch.unique_consecutive(skey, return_counts=True)
     if run_rows.numel() and int(run_rows[-1]) == big:
         run_rows, counts = run_rows[:-1], counts[:-1]
+    run_rows = run_rows.long()
     run_start = torch.zeros(run_rows.numel() + 1, dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=run_start[1:])
     return perm, run_start, run_rows, bag, scale
@@ -244,7 +248,7 @@ def _cxx_fused_update(grad_out, values, row_ptr, row_slots, row_mask, indices, o
     else:
         perm, run_start, run_rows, bag, scale = touched_rows_plan(indices, offsets,
                                                                   per_sample_weights, mode,
-                                                                  padding_idx)
+                                                                  padding_idx, row_mask.shape[0])
     return torch.ops.dsl_C.fused_update_rows(
         grad_out.contiguous(), values, state1, state2, row_ptr, row_slots, row_mask, perm,
         run_start, run_rows, bag, scale, max_idx, frozen, num_blocks, mode, optimizer, lr, beta1,
@@ -422,12 +426,30 @@ class FusedOptimizer:
         ]
         return self
 
+    def __getstate__(self):
+        # deepcopy / pickle of the module: keep the module strongly in the state (pickle and
+        # deepcopy resolve the cycle through their memo), so a copy drives the COPIED module.
+        st = self.__dict__.copy()
+        st["_module_ref"] = None
+        st["_module_strong"] = self._module_ref() if self._module_ref is not None else None
+        st["_hooks"] = []
+        return st
+
+    def __setstate__(self, st):
+        m = st.pop("_module_strong", None)
+        self.__dict__.update(st)
+        self._module_ref = weakref.ref(m) if m is not None else None
+
     def detach(self) -> None:
         """Undo :meth:`attach`: the module trains with ``values.grad`` again (state dropped)."""
         module = self.module
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        # Hooks copied with the module (deepcopy) have no handle here: remove them by owner.
+        for hooks in (module._forward_pre_hooks, module._load_state_dict_post_hooks):
+            for k in [k for k, f in hooks.items() if getattr(f, "__self__", None) is self]:
+                del hooks[k]
         for name in ("fused_state1", "fused_state2", "fused_step"):
             module._buffers.pop(name, None)
         module.fused_optimizer = None

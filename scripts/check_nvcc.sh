@@ -7,7 +7,8 @@
 #
 # 1. Each csrc/cuda/*.cu (raw-pointer kernels, no torch headers) is compiled to an object file
 #    in a temporary directory with `nvcc -c -gencode arch=compute_80,code=sm_80
-#    -gencode arch=compute_90,code=sm_90`, JOBS (default 2) files at a time.
+#    -gencode arch=compute_90,code=sm_90` (plus the flags torch's build adds), JOBS (default 2)
+#    files at a time.
 # 2. Each csrc/cuda/*.cpp (torch bindings) is syntax-checked with the host compiler against the
 #    installed torch's headers (a CPU build of torch ships the c10/cuda headers except one
 #    generated macro file, stubbed here) and the CUDA toolkit's headers. Skipped when torch is
@@ -37,7 +38,11 @@ start=$SECONDS
 echo "check_nvcc: $("$NVCC" --version | tail -n 1)"
 printf '%s\n' "${cu_files[@]}" | xargs -P "$JOBS" -I{} bash -c '
   f="{}"; name="$(basename "$f")"
-  if "$NVCC" -c -std=c++20 -O3 -I"$ROOT/csrc" \
+  # The -D flags are the ones torch.utils.cpp_extension passes to nvcc (no implicit half or
+  # bfloat16 conversions or operators), so code that compiles here compiles in setup.py too.
+  if "$NVCC" -c -std=c++20 -O3 -I"$ROOT/csrc" --expt-relaxed-constexpr \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
       "$f" -o "$TMP/$name.o" >"$TMP/$name.log" 2>&1; then
     echo "  ok   $name (sm_80, sm_90)"

@@ -86,6 +86,23 @@ class AllocationRecorder(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: Dict[tuple, int] = {}
 
+    def watch(self, *tensors) -> None:
+        """Count the freeing of these PRE-EXISTING tensors inside the block as negative
+        allocations, so ``peak_bytes`` becomes the net peak (e.g. an old index dropped before its
+        replacement is built). Keeps no reference to them."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                key = _storage_key(t)
+                if key is not None and key not in self._live and key[3]:
+                    self._watched = getattr(self, "_watched", set())
+                    if key in self._watched:
+                        continue
+                    self._watched.add(key)
+                    weakref.finalize(t.untyped_storage(), self._unwatch, key[3])
+
+    def _unwatch(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
     def _release(self, key):
         n = self._live.pop(key, None)
         if n is not None:

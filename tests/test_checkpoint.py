@@ -25,25 +25,26 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 try:
-    from conftest import available_backends
+    from conftest import backend_device_params
 
-    BACKENDS = available_backends("cpu")
+    BACKEND_DEVICES = backend_device_params()
 except Exception:  # when run as a script
-    BACKENDS = ["reference"]
+    BACKEND_DEVICES = [("reference", "cpu")]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 class Model(nn.Module):
-    def __init__(self, backend="reference", density=0.3, block_size=2, N=60):
+    def __init__(self, backend="reference", density=0.3, block_size=2, N=60, device="cpu"):
         super().__init__()
         self.emb = SparseEmbeddingBag(N, 8, mode="sum", density=density, block_size=block_size,
-                                      backend=backend, deterministic=True)
-        self.head = nn.Linear(8, 1)
+                                      backend=backend, deterministic=True, device=device)
+        self.head = nn.Linear(8, 1, device=device)
 
     def forward(self, idx, off):
-        return self.head(self.emb(idx, off)).squeeze(1)
+        dev = self.head.weight.device
+        return self.head(self.emb(idx.to(dev), off.to(dev))).squeeze(1)
 
 
 def make(backend="reference", sched="steplr", seed=0, **kw):
@@ -77,6 +78,7 @@ def train(model, opt, sched, steps):
         off = torch.zeros(nbags, dtype=torch.int64)
         off[1:] = torch.cumsum(lengths, 0)[:-1]
         y = torch.from_numpy(np.random.rand(nbags).astype(np.float32))
+        y = y.to(model.head.weight.device)
         opt.zero_grad()
         loss = ((model(idx, off) - y) ** 2).mean()
         loss.backward()
@@ -380,21 +382,22 @@ def test_resize_pools_for_compacted_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- bit-exact
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_is_bit_exact(tmp_path, backend):
-    k = 2 if backend == "triton" else 4
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_resume_is_bit_exact(tmp_path, backend, device):
+    k = 2 if (backend, device) == ("triton", "cpu") else 4
     torch.manual_seed(11); random.seed(11); np.random.seed(11)
-    ref_m, ref_o, ref_s = make(backend)
+    ref_m, ref_o, ref_s = make(backend, device=device)
     ref_losses = train(ref_m, ref_o, ref_s, 2 * k)
 
     torch.manual_seed(11); random.seed(11); np.random.seed(11)
-    m, o, s = make(backend)
+    m, o, s = make(backend, device=device)
     losses = train(m, o, s, k)
     dsl_kernels.save(tmp_path / "c.dsl", m, o, s, step=k)
     del m, o, s
     torch.manual_seed(1234); random.seed(1); np.random.seed(2)  # scramble: load must restore
-    m, o, s = make(backend, seed=77)
+    m, o, s = make(backend, seed=77, device=device)
     assert dsl_kernels.load(tmp_path / "c.dsl", m, o, s)["step"] == k
+    assert m.emb.values.device.type == device and m.emb.row_ptr.device.type == device
     losses += train(m, o, s, k)
     assert losses == ref_losses
     assert_same(snapshot(ref_m, ref_o), snapshot(m, o))
@@ -488,3 +491,30 @@ def test_resume_dense_to_sparse_after_compaction_is_bit_exact(tmp_path):
     losses += train(m, o, s, 5)
     assert losses == ref_losses
     assert_same(snapshot(ref_m, ref_o), snapshot(m, o))
+
+
+def test_resume_with_fused_optimizer_is_bit_exact(tmp_path):
+    """The fused optimizer keeps its state in module buffers: the model checkpoint carries it."""
+    fused = pytest.importorskip("dsl_kernels.fused")
+
+    def build(seed):
+        torch.manual_seed(seed)
+        emb = SparseEmbeddingBag(50, 8, mode="sum", density=0.3, block_size=2,
+                                 deterministic=True)
+        return emb, fused.fuse_optimizer(emb, "adam", lr=0.1)
+
+    def run(emb, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            emb(torch.randint(0, 50, (20,), generator=g), torch.arange(0, 20, 4)).pow(2).sum() \
+                .backward()
+
+    ref, fo = build(0)
+    run(ref, 3, 1)
+    dsl_kernels.save(tmp_path / "c.dsl", ref)
+    run(ref, 2, 2)
+    emb, fo2 = build(5)
+    dsl_kernels.load(tmp_path / "c.dsl", emb)
+    run(emb, 2, 2)
+    assert fo2.step_count == fo.step_count == 5
+    assert_same(snapshot(ref), snapshot(emb))

@@ -435,3 +435,39 @@ def test_cuda_module_matches_sparse_adam(backend):
         with torch.no_grad():
             dense.weight.mul_(mask)
     torch.testing.assert_close(emb.to_dense(), dense.weight.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not fused._has_cxx_op("dsl_C::fused_plan", "CPU") and
+                    "cpu" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("num_rows", [20, 10_000])  # counting sort / pair-sort fallback
+@pytest.mark.parametrize("mode,psw", [(0, True), (1, False), (2, False)])
+def test_cpu_plan_matches_torch_plan(num_rows, mode, psw):
+    dsl_kernels.dispatch.get("cpu")  # loads the extension
+    if not fused._has_cxx_op("dsl_C::fused_plan", "CPU"):
+        pytest.skip("this build has no dsl_C::fused_plan")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 20, (50,), generator=g) * (num_rows // 20)
+    off = torch.tensor([0, 4, 4, 17, 30, 45])  # entries past 45 dropped
+    w = torch.rand(50, generator=g) if psw else None
+    want = fused.touched_rows_plan(idx, off, w, mode, 0)
+    got = torch.ops.dsl_C.fused_plan(idx.int(), off.int(), w, mode, 0, num_rows)
+    n = int(want[1][-1])
+    assert torch.equal(got[0], want[0][:n])
+    for a, b in zip(got[1:4], want[1:4]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[4], want[4])
+
+
+def test_deepcopy_drives_the_copy():
+    """A deep copy of a fused module updates itself, never the original (and unfuses cleanly)."""
+    emb = dsl_kernels.SparseEmbeddingBag(30, 8, mode="sum", density=0.5, block_size=4)
+    fuse_optimizer(emb, "sgd", lr=0.5)
+    twin = copy.deepcopy(emb)
+    before = emb.values.detach().clone()
+    twin(torch.tensor([1, 2, 3]), torch.tensor([0])).sum().backward()
+    assert torch.equal(emb.values.detach(), before)
+    assert not torch.equal(twin.values.detach(), before)
+    assert twin.fused_optimizer.module is twin and int(twin.fused_step) == 1
+    fused.unfuse_optimizer(twin)
+    twin(torch.tensor([1, 2, 3]), torch.tensor([0])).sum().backward()
+    assert twin.values.grad is not None and emb.values.grad is None

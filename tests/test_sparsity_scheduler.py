@@ -10,6 +10,7 @@ from dsl_kernels import SparseEmbeddingBag, SparseEmbeddingBagCollection, TableC
 from dsl_kernels.sparsity import (DSLScheduler, cosine_update_fraction, cubic_density,
                                   load_checkpoint, prune_regrow_)
 from dsl_kernels.sparsity.scores import sample_inactive_blocks
+from conftest import available_backends
 from memcheck import AllocationRecorder, assert_no_dense_allocation
 
 
@@ -399,6 +400,7 @@ def test_mask_update_never_allocates_dense_size():
         if sched.step_count == 1:
             c0 = emb.coord.clone()
             with AllocationRecorder() as rec:
+                rec.watch(emb.row_ptr, emb.row_slots, emb.row_mask)  # dropped before rebuild
                 sched.step()
         else:
             sched.step()
@@ -409,9 +411,10 @@ def test_mask_update_never_allocates_dense_size():
     assert rec.max_numel <= max(emb.budget, N + 1), (rec.max_numel, rec.max_op)
     assert rec.max_numel < N * NB // 4
     steady = emb.memory_bytes() + _opt_bytes(opt) + emb.values.numel() * 4  # + grad
-    # The whole update (the reference rebuild_index keeps ~9 [C]-sized int64 temporaries alive
-    # at once; the C++/CUDA rebuilds do not) stays well below doubling the memory ...
-    assert rec.peak_bytes < 0.75 * steady, (rec.peak_bytes, steady)
+    # The whole update (net: the old index is dropped before the new one is built; the
+    # reference rebuild_index keeps ~9 [C]-sized int64 temporaries alive at once, the C++/CUDA
+    # rebuilds do not) stays well below doubling the memory ...
+    assert rec.peak_bytes < 0.6 * steady, (rec.peak_bytes, steady)
     # ... and the prune/regrow op itself needs a few [C]/candidate-sized temporaries only.
     keys = sample_inactive_blocks(emb, emb.tables, moved, torch.Generator().manual_seed(0))
     with torch.no_grad(), AllocationRecorder() as rec_op:
@@ -425,6 +428,32 @@ def test_mask_update_never_allocates_dense_size():
         emb(idx).pow(2).sum().backward()
         opt.step()
     assert_no_dense_allocation(sched.step, N, D, fraction=0.05)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="C++ cpu backend not built")
+def test_mask_update_peak_within_5_percent_with_cpu_backend():
+    """The issue's target: peak memory during an update <= 1.05 x steady state (values, grad,
+    Adam state, coord, index), with the C++ index rebuild (its internal temporaries are not
+    visible to the recorder; its outputs are)."""
+    N, D, B = 200_000, 64, 8
+    torch.manual_seed(0)
+    emb = SparseEmbeddingBag(N, D, mode="sum", density=0.1, block_size=B, backend="cpu")
+    opt = torch.optim.Adam(emb.parameters(), lr=0.01)
+    sched = DSLScheduler(emb, opt, update_every=1, prune_fraction=0.1, stop_at=10 ** 9)
+    for i in range(2):
+        opt.zero_grad()
+        emb(torch.randint(0, N, (512, 8))).pow(2).sum().backward()
+        opt.step()
+        if i == 1:
+            c0 = emb.coord.clone()
+            with AllocationRecorder() as rec:
+                rec.watch(emb.row_ptr, emb.row_slots, emb.row_mask)
+                sched.step()
+        else:
+            sched.step()
+    assert int((emb.coord != c0).sum()) > 1000
+    steady = emb.memory_bytes() + _opt_bytes(opt) + emb.values.numel() * 4
+    assert rec.peak_bytes <= 0.05 * steady, (rec.peak_bytes, steady)
 
 
 # -------------------------------------------------------------------------------- CUDA

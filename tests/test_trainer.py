@@ -340,3 +340,9 @@ def test_method_config_errors():
         MethodConfig("dense", 0.5)
     with pytest.raises(ValueError, match="multiple of --block-size"):
         make_table(MethodConfig("static", 0.5, block_size=8), 10, 12)
+    from dsl_train.methods import Controller
+
+    cfg = MethodConfig("magnitude", 0.5, block_size=4)
+    model = MF(5, 5, make_table(cfg, 10, 8))
+    with pytest.raises(ValueError, match="--epochs >= 2"):
+        Controller(cfg, model, lambda m: torch.optim.Adam(m.parameters()), 10, epochs=1)

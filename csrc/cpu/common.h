@@ -73,6 +73,42 @@ struct RowIndex {
     return true;
   }
 
+  // Software pipeline over the chain of dependent loads of an entry
+  //   row -> (row_mask[row], row_ptr[row]) -> row_slots[row_ptr[row]] -> data[slot]
+  // (each a likely cache miss for a large table): while entry q is processed, the first level
+  // of entry q + 16, the second of q + 8 and the data row of the first active block of q + 4
+  // are prefetched, so the misses overlap instead of queueing. row_at(k) gives the row of the
+  // k-th entry of the loop (k < end); invalid rows are ignored (prefetches never fault but the
+  // loads of row_ptr / row_slots must stay in bounds).
+  template <typename RowAt>
+  inline void prefetch(RowAt&& row_at, int64_t q, int64_t end, const char* data,
+                       int64_t row_bytes) const {
+    if (q + 16 < end) {
+      const int64_t r = row_at(q + 16);
+      if (r >= 0 && r < N) {
+        __builtin_prefetch(row_mask + r * W);
+        __builtin_prefetch(row_ptr + r);
+      }
+    }
+    if (q + 8 < end) {
+      const int64_t r = row_at(q + 8);
+      if (r >= 0 && r < N) {
+        const int64_t pos = row_ptr[r];
+        if (pos >= 0 && pos < C) __builtin_prefetch(row_slots + pos);
+      }
+    }
+    if (q + 4 < end) {
+      const int64_t r = row_at(q + 4);
+      if (r >= 0 && r < N) {
+        const int64_t pos = row_ptr[r];
+        if (pos >= 0 && pos < C) {
+          const int64_t s = row_slots[pos];
+          if (s >= 0 && s < C) __builtin_prefetch(data + s * row_bytes);
+        }
+      }
+    }
+  }
+
   // Slot of block (r, j) or -1 when inactive (-2 when the index is corrupt).
   inline int64_t slot(int64_t r, int64_t j) const {
     const uint64_t* m = reinterpret_cast<const uint64_t*>(row_mask) + r * W;

@@ -64,50 +64,73 @@ int64_t run_cpu(const at::Tensor& grad_out, at::Tensor& values, at::Tensor& stat
 
   std::atomic<int64_t> skipped{0}, corrupt{0};
   // Grain: a few hundred rows per task keeps the scheduling cost small next to the work.
+  // Two phases per batch of runs: (1) resolve the batch's (run, block, slot) work items --
+  // independent loads the CPU overlaps; (2) sum and update them, prefetching the values and
+  // state of the item kPrefetch ahead: touched slots are scattered over a pool far larger than
+  // the caches, so the update is bound by DRAM latency unless misses overlap.
+  constexpr int64_t kRunsPerBatch = 64, kPrefetch = 6;
+  struct Item {
+    int64_t run, col0, slot;
+  };
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(6 * B);
     float *g = buf.data(), *p = g + B, *n1 = p + B, *n2 = n1 + B, *np = n2 + B;
+    std::vector<Item> items;
+    items.reserve(kRunsPerBatch * 4);
     int64_t my_skipped = 0, my_corrupt = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t row = rows[r];
-      const uint64_t* m = rm + row * W;
-      int64_t pos = rp[row];
-      const int64_t e0 = st[r], e1 = st[r + 1];
-      for (int64_t w = 0; w < W; ++w) {
-        uint64_t bits = m[w];
-        while (bits) {
-          const int64_t j = w * 64 + __builtin_ctzll(bits);
-          bits &= bits - 1;
-          const int64_t slot = (pos >= 0 && pos < C) ? rs[pos] : -1;
-          ++pos;
-          if (slot < 0 || slot >= C || j >= num_blocks) {
-            ++my_corrupt;
-            continue;
-          }
-          if (fz != nullptr && fz[slot]) continue;  // stale-skipped: not touched at all
-          for (int64_t k = 0; k < B; ++k) g[k] = 0.0f;
-          const int64_t col0 = j * B;
-          for (int64_t e = e0; e < e1; ++e) {
-            const int64_t i = pm[e];
-            const scalar_t* grow = go + bg[i] * D + col0;
-            if (sc != nullptr) {
-              const float s = sc[i];
-              for (int64_t k = 0; k < B; ++k) g[k] = g[k] + to_float(grow[k]) * s;
-            } else {  // max: only the columns this entry won
-              const int64_t* mrow = mx + bg[i] * D + col0;
-              for (int64_t k = 0; k < B; ++k)
-                if (mrow[k] == i) g[k] = g[k] + to_float(grow[k]);
+    for (int64_t rb = r0; rb < r1; rb += kRunsPerBatch) {
+      items.clear();
+      for (int64_t r = rb; r < std::min(r1, rb + kRunsPerBatch); ++r) {
+        const int64_t row = rows[r];
+        const uint64_t* m = rm + row * W;
+        int64_t pos = rp[row];
+        for (int64_t w = 0; w < W; ++w) {
+          uint64_t bits = m[w];
+          while (bits) {
+            const int64_t j = w * 64 + __builtin_ctzll(bits);
+            bits &= bits - 1;
+            const int64_t slot = (pos >= 0 && pos < C) ? rs[pos] : -1;
+            ++pos;
+            if (slot < 0 || slot >= C || j >= num_blocks) {
+              ++my_corrupt;
+              continue;
             }
+            if (fz != nullptr && fz[slot]) continue;  // stale-skipped: not touched at all
+            items.push_back({r, j * B, slot});
           }
-          scalar_t* v = val + slot * B;
-          for (int64_t k = 0; k < B; ++k) p[k] = to_float(v[k]);
-          float* a = s1 ? s1 + slot * s1_stride : nullptr;
-          float* b = s2 ? s2 + slot * B : nullptr;
-          if (dsl_fused::update_block(h, B, g, p, a, b, n1, n2, np, round)) {
-            for (int64_t k = 0; k < B; ++k) v[k] = static_cast<scalar_t>(p[k]);
-          } else {
-            ++my_skipped;
+        }
+      }
+      const int64_t n = static_cast<int64_t>(items.size());
+      for (int64_t t = 0; t < n; ++t) {
+        if (t + kPrefetch < n) {
+          const int64_t ps = items[t + kPrefetch].slot;
+          __builtin_prefetch(val + ps * B, 1);
+          if (s1) __builtin_prefetch(s1 + ps * s1_stride, 1);
+          if (s2) __builtin_prefetch(s2 + ps * B, 1);
+        }
+        const Item& it = items[t];
+        const int64_t e0 = st[it.run], e1 = st[it.run + 1], col0 = it.col0, slot = it.slot;
+        for (int64_t k = 0; k < B; ++k) g[k] = 0.0f;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t i = pm[e];
+          const scalar_t* grow = go + bg[i] * D + col0;
+          if (sc != nullptr) {
+            const float sv = sc[i];
+            for (int64_t k = 0; k < B; ++k) g[k] = g[k] + to_float(grow[k]) * sv;
+          } else {  // max: only the columns this entry won
+            const int64_t* mrow = mx + bg[i] * D + col0;
+            for (int64_t k = 0; k < B; ++k)
+              if (mrow[k] == i) g[k] = g[k] + to_float(grow[k]);
           }
+        }
+        scalar_t* v = val + slot * B;
+        for (int64_t k = 0; k < B; ++k) p[k] = to_float(v[k]);
+        float* a = s1 ? s1 + slot * s1_stride : nullptr;
+        float* b = s2 ? s2 + slot * B : nullptr;
+        if (dsl_fused::update_block(h, B, g, p, a, b, n1, n2, np, round)) {
+          for (int64_t k = 0; k < B; ++k) v[k] = static_cast<scalar_t>(p[k]);
+        } else {
+          ++my_skipped;
         }
       }
     }

@@ -20,11 +20,13 @@ void lookup_kernel(const T* values, const RowIndex& ix, int64_t B, const I* idx,
                    int64_t num_bags, const float* psw, int64_t mode, int64_t pad, T* out,
                    int64_t* max_idx, std::atomic<bool>& corrupt) {
   const int64_t D = ix.NB * B;
+  const int64_t L = static_cast<int64_t>(off[num_bags]);
   const int nt = num_threads();
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> acc(D);
-    std::vector<int64_t> arg(mode == dsl::kModeMax ? D : 0);
+    std::vector<int32_t> arg(mode == dsl::kModeMax ? D : 0);
+    const std::vector<T> zero(B, T(0.0f));  // what an inactive block reads
 #pragma omp for schedule(dynamic, 16)
     for (int64_t b = 0; b < num_bags; ++b) {
       const int64_t lo = off[b], hi = off[b + 1];
@@ -38,6 +40,8 @@ void lookup_kernel(const T* values, const RowIndex& ix, int64_t B, const I* idx,
           cnt = static_cast<float>(n > 0 ? n : 1);
         }
         for (int64_t i = lo; i < hi; ++i) {
+          ix.prefetch([&](int64_t k) { return static_cast<int64_t>(idx[k]); }, i, L,
+                      reinterpret_cast<const char*>(values), B * int64_t(sizeof(T)));
           const int64_t r = idx[i];
           if (r == pad) continue;
           float s = 1.0f;
@@ -51,40 +55,52 @@ void lookup_kernel(const T* values, const RowIndex& ix, int64_t B, const I* idx,
           if (!ok) corrupt.store(true, std::memory_order_relaxed);
         }
       } else {
-        // Max over the dense image rows: every block counts, inactive ones as 0. The first
-        // entry reaching the maximum wins (torch's rule); a bag without entries gives 0 / -1.
-        int64_t* g = arg.data();
+        // Max over the dense image rows: every block counts, inactive ones as 0 (read from a
+        // zero block, so the loop over the block has no branch and vectorises). The first
+        // kept entry initialises the maximum; later ones replace it only when strictly
+        // greater, so the first entry reaching the maximum wins (torch's rule). Winners are
+        // tracked as int32 offsets in the bag (same width as the float compare mask).
+        int32_t* g = arg.data();
         std::fill(acc.begin(), acc.end(), 0.0f);
-        std::fill(arg.begin(), arg.end(), int64_t(-1));
+        std::fill(arg.begin(), arg.end(), int32_t(-1));
+        bool first = true;
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t r = idx[i];
           if (r == pad) continue;
+          const int32_t rel = static_cast<int32_t>(i - lo);
+          const uint64_t* m = reinterpret_cast<const uint64_t*>(ix.row_mask) + r * ix.W;
+          int64_t pos = ix.row_ptr[r];
           for (int64_t j = 0; j < ix.NB; ++j) {
-            const int64_t slot = ix.slot(r, j);
-            if (slot == -2) {
-              corrupt.store(true, std::memory_order_relaxed);
-              continue;
+            const T* v = zero.data();
+            if ((m[j >> 6] >> (j & 63)) & 1) {
+              const int64_t slot = (pos >= 0 && pos < ix.C) ? ix.row_slots[pos] : -1;
+              ++pos;
+              if (slot < 0 || slot >= ix.C) {
+                corrupt.store(true, std::memory_order_relaxed);
+              } else {
+                v = values + slot * B;
+              }
             }
             float* aj = a + j * B;
-            int64_t* gj = g + j * B;
-            if (slot >= 0) {
-              const T* v = values + slot * B;
+            int32_t* gj = g + j * B;
+            if (first) {
               for (int64_t c = 0; c < B; ++c) {
-                const float x = to_f(v[c]);
-                const bool take = (gj[c] < 0) | (x > aj[c]);
-                aj[c] = take ? x : aj[c];
-                gj[c] = take ? i : gj[c];
+                aj[c] = to_f(v[c]);
+                gj[c] = rel;
               }
             } else {
               for (int64_t c = 0; c < B; ++c) {
-                const bool take = (gj[c] < 0) | (0.0f > aj[c]);
-                aj[c] = take ? 0.0f : aj[c];
-                gj[c] = take ? i : gj[c];
+                const float x = to_f(v[c]);
+                const bool take = x > aj[c];
+                aj[c] = take ? x : aj[c];
+                gj[c] = take ? rel : gj[c];
               }
             }
           }
+          first = false;
         }
-        std::copy(arg.begin(), arg.end(), max_idx + b * D);
+        int64_t* mb = max_idx + b * D;
+        for (int64_t d = 0; d < D; ++d) mb[d] = g[d] < 0 ? int64_t(-1) : lo + g[d];
       }
       T* o = out + b * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d]);
@@ -103,7 +119,9 @@ std::tuple<at::Tensor, at::Tensor> lookup_cpu(const at::Tensor& values, const at
   const int64_t num_bags = dsl::check_bags(kOp, indices, offsets, per_sample_weights, mode,
                                            padding_idx, p.N, values.device());
   const at::Tensor idx = indices.contiguous(), off = offsets.contiguous();
-  dsl::check_bag_values_cpu(kOp, idx, off, p.N);
+  const int64_t L = dsl::check_bag_values_cpu(kOp, idx, off, p.N);
+  TORCH_CHECK(mode != dsl::kModeMax || L < std::numeric_limits<int32_t>::max(), kOp,
+              ": max mode supports at most 2^31 - 1 entries per batch, got ", L);
   const at::Tensor vals = values.contiguous(), rp = row_ptr.contiguous(),
                    rs = row_slots.contiguous(), rm = row_mask.contiguous();
   const at::Tensor w = psw_float(per_sample_weights);

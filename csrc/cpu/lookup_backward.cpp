@@ -31,7 +31,11 @@ void backward_kernel(const G* grad_out, const RowIndex& ix, int64_t B, const I* 
   const RowGroups rg = group_by_row(idx, L, pad, ngroups);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (ngroups > 1)
   for (int64_t k = 0; k < ngroups; ++k) {
-    for (int64_t q = rg.start[k]; q < rg.start[k + 1]; ++q) {
+    const int64_t end = rg.start[k + 1];
+    for (int64_t q = rg.start[k]; q < end; ++q) {
+      if (max_idx == nullptr)
+        ix.prefetch([&](int64_t u) { return static_cast<int64_t>(idx[rg.entry[u]]); }, q, end,
+                    reinterpret_cast<const char*>(grad), B * int64_t(sizeof(float)));
       const int64_t i = rg.entry[q];
       const int64_t r = idx[i];
       const int64_t b = es.bag_of[i];

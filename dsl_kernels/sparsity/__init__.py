@@ -20,6 +20,10 @@ One scheduler, three published methods:
   are frozen (``module.frozen``): the backward skips them and the scheduler holds their values and
   optimizer state across ``optimizer.step()`` so momentum cannot move them.
 
+Pools trained by the fused optimizer (``dsl_kernels.fused.fuse_optimizer``) work too: pass
+``optimizer=None`` (or the optimizer of the dense parameters); the module-held fused state is
+reset for reassigned slots and compacted with the pool, and the fused update skips frozen slots.
+
 Usage (the loop is ``loss.backward(); optimizer.step(); scheduler.step()``)::
 
     >>> import torch, dsl_kernels

@@ -23,8 +23,10 @@ Non-finite numbers: a block holding NaN/Inf has magnitude ``-inf`` — it is pru
 update heals a corrupt block instead of keeping it); a non-finite candidate score is ignored (such
 a candidate is never grown).
 
-Memory: no temporary larger than ``[C]`` (fp32 magnitudes, computed in chunks so fp16/bf16 pools
-are never upcast whole) plus candidate-sized tensors; nothing of size ``N * NB`` or ``N * D``.
+Memory: the temporaries are one fp32 ``[C]`` (magnitudes, computed in chunks so fp16/bf16 pools
+are never upcast whole), one bool ``[C]``, one bool per candidate and chunk-sized int64 arrays
+(the candidates' activeness test), plus ``k``-sized results — about 4 % of the steady state of an
+Adam-trained pool; nothing of size ``N * NB`` or ``N * D``.
 
 Backends: the op's ``backend`` argument names a :mod:`dsl_kernels.dispatch` backend; one that
 does not define ``prune_regrow_`` (all of them so far) runs :func:`prune_regrow_reference`, which
@@ -40,6 +42,7 @@ from torch import Tensor
 from .. import dispatch
 
 _CHUNK = 1 << 16  # slots per magnitude chunk: bounds the upcast temporary of fp16/bf16 pools
+_KEY_CHUNK = 1 << 14  # candidate keys per activeness-test chunk
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -57,31 +60,47 @@ def block_magnitudes(values: Tensor, slots: Optional[Tensor] = None) -> Tensor:
     return mag.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
 
 
-def smallest_k(mag: Tensor, k: int) -> Tensor:
-    """Positions (int64, ascending) of the ``k`` smallest entries of the 1-D ``mag`` (no NaN),
-    ties to the lower position. Uses ``kthvalue`` + a bool mask + ``nonzero``: O(n) bools,
-    no full sort."""
+def smallest_k(mag: Tensor, k: int, largest: bool = False) -> Tensor:
+    """Positions (int64, ascending) of the ``k`` smallest (``largest=True``: largest) entries of
+    the 1-D ``mag`` (no NaN), ties to the lower position. ``kthvalue`` + one bool mask +
+    ``nonzero``: no full sort, no copy of ``mag`` in Python."""
     n = mag.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=mag.device)
     if k >= n:
         return torch.arange(n, device=mag.device)
-    v = torch.kthvalue(mag, k).values
-    sel = mag < v
-    equal = torch.nonzero(mag == v).squeeze(1)[: k - int(sel.sum())]
-    sel[equal] = True
-    return torch.nonzero(sel).squeeze(1)  # ascending, no sort needed
+    v = torch.kthvalue(mag, n - k + 1 if largest else k).values
+    # One bool temporary; with ties at v (e.g. several all-zero blocks just grown), the tied
+    # positions past the k-th are dropped from the (small) selected set, not from a full mask.
+    pos = torch.nonzero(mag >= v if largest else mag <= v).squeeze(1)  # ascending
+    extra = pos.numel() - k
+    if extra > 0:
+        ties = torch.nonzero(mag[pos] == v).squeeze(1)
+        keep = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
+        keep[ties[ties.numel() - extra:]] = False
+        pos = pos[keep]
+    return pos
 
 
 def is_active(row_mask: Tensor, keys: Tensor, num_blocks: int) -> Tensor:
     """Bool per key: is block ``key = row * num_blocks + col`` set in ``row_mask``? (In-place
-    arithmetic: at most three key-sized temporaries alive.)"""
+    arithmetic: at most three key-sized int64 temporaries; chunk large inputs.)"""
     W = row_mask.shape[1]
     col = torch.remainder(keys, num_blocks)
     flat = torch.div(keys, num_blocks, rounding_mode="floor").mul_(W).add_(col >> 6)
     word = row_mask.reshape(-1)[flat]
     del flat
     return word.bitwise_right_shift_(col.bitwise_and_(63)).bitwise_and_(1).bool()
+
+
+def is_active_chunked(row_mask: Tensor, keys: Tensor, num_blocks: int,
+                      chunk: int = _KEY_CHUNK) -> Tensor:
+    """:func:`is_active` in chunks: one bool per key plus chunk-sized int64 temporaries,
+    however many candidates a window collected."""
+    out = torch.empty(keys.numel(), dtype=torch.bool, device=keys.device)
+    for a in range(0, keys.numel(), chunk):
+        out[a:a + chunk] = is_active(row_mask, keys[a:a + chunk], num_blocks)
+    return out
 
 
 # ---------------------------------------------------------------------------- reference
@@ -100,9 +119,9 @@ def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand
     ck = cand_keys.long().reshape(-1)
     cs = cand_scores.float().reshape(-1)
     ok = torch.isfinite(cs)
-    if ck.numel():
-        ok &= ~is_active(row_mask, ck, num_blocks)
-    ck, cs = ck[ok], cs[ok]
+    ok &= ~is_active_chunked(row_mask, ck, num_blocks)
+    if not bool(ok.all()):  # the accumulator's candidates usually all pass: no copy then
+        ck, cs = ck[ok], cs[ok]
     del ok
     if ck.numel() > 1 and not bool((ck[1:] > ck[:-1]).all()):
         # Merge duplicates (max score) and sort; skipped for the accumulator's output, which is
@@ -123,7 +142,7 @@ def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand
     k = max(0, min(int(k), n_prunable, uk.numel()))
     # k largest scores, ties to the lower key; positions ascending = keys ascending. Selection,
     # not a sort: O(#candidates).
-    grown = uk[smallest_k(us.neg_(), k)]
+    grown = uk[smallest_k(us, k, largest=True)]
     del uk, us
     # 3. the k weakest active blocks ([C] fp32 magnitudes; free slots never chosen).
     if prune_slots is None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pool import BlockSparseBase, LookupRecord
-from .compaction import compact_, keep_largest, resize_pool_
+from .compaction import compact_, keep_largest, rebuild_index_lean, resize_pool_
 from .prune_regrow import optimizer_state_keys, prune_regrow_, reset_optimizer_rows
 from .schedules import cosine_update_fraction, cubic_density
 from .scores import GrowthScoreAccumulator, sample_inactive_blocks, split_by_table
@@ -26,6 +26,11 @@ class _Pool:
     total_blocks: int  # blocks of all tables (the density denominator)
     initial_density: float
     observer: Callable = field(repr=False, default=None)
+
+
+def _fused(m: BlockSparseBase):
+    """The module's fused optimizer (dsl_kernels.fused), or None."""
+    return getattr(m, "fused_optimizer", None)
 
 
 def _modules_of(model_or_modules) -> List[BlockSparseBase]:
@@ -59,8 +64,12 @@ class DSLScheduler:
     Args:
         model_or_modules: a model (every :class:`~dsl_kernels.BlockSparseBase` in
             ``model.modules()`` is one pool), one sparse module, or a list of them.
-        optimizer: the optimizer training the pools' ``values`` (its per-slot state is reset
-            for reassigned slots, shrunk by compaction, held for frozen slots).
+        optimizer: the torch optimizer training the pools' ``values`` (its per-slot state is
+            reset for reassigned slots, shrunk by compaction, held for frozen slots). A pool
+            trained by a fused optimizer (:func:`dsl_kernels.fused.fuse_optimizer`) needs none:
+            its module-held state is reset and compacted directly, and the fused update skips
+            frozen slots itself; ``optimizer`` may then be None or the optimizer of the other
+            (dense) parameters.
         update_every: ΔT, steps between mask updates (and between density steps of
             ``dense_to_sparse``).
         prune_fraction: α0 of the cosine update fraction (``from_scratch``) and the default
@@ -99,7 +108,7 @@ class DSLScheduler:
     The loop is ``loss.backward(); optimizer.step(); scheduler.step()``.
     """
 
-    def __init__(self, model_or_modules, optimizer: torch.optim.Optimizer,
+    def __init__(self, model_or_modules, optimizer: Optional[torch.optim.Optimizer],
                  update_every: int = 100, prune_fraction: float = 0.3,
                  stop_at: Optional[int] = None, grow: str = "gradient", score_window: int = 1,
                  distribution: str = "global", schedule: str = "from_scratch",
@@ -159,7 +168,6 @@ class DSLScheduler:
              f"stale_window must be a positive int, got {stale_window!r}")
 
         self.optimizer = optimizer
-        optimizer_state_keys(optimizer)  # unknown optimizer: fail now, not at the first update
         self.update_every, self.prune_fraction, self.stop_at = update_every, prune_fraction, stop_at
         self.grow, self.score_window, self.distribution = grow, score_window, distribution
         self.schedule, self.t_start, self.t_end = schedule, t_start, t_end
@@ -172,10 +180,14 @@ class DSLScheduler:
         self._stats: Dict[str, Any] = {"mask_updates": 0, "moved_blocks": 0, "compactions": 0,
                                        "nonfinite_skips": 0, "last_update_fraction": 0.0}
 
-        params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        params = (set() if optimizer is None
+                  else {id(p) for g in optimizer.param_groups for p in g["params"]})
         self.pools: List[_Pool] = []
         for m in _modules_of(model_or_modules):
-            if id(m.values) not in params:
+            if _fused(m) is None and optimizer is not None:
+                # unknown optimizer: fail now, not at the first update
+                optimizer_state_keys(optimizer)
+            if _fused(m) is None and id(m.values) not in params:
                 raise ValueError(f"the optimizer does not train {type(m).__name__}.values "
                                  f"(tables {[t.name for t in m.tables]}): pass the optimizer "
                                  f"that holds the sparse modules' parameters")
@@ -191,7 +203,7 @@ class DSLScheduler:
             self.pools.append(pool)
         self._hooks = []
         self._held = None
-        if skip_stale:
+        if skip_stale and optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
             self._hooks.append(optimizer.register_step_post_hook(self._post_step))
 
@@ -335,14 +347,18 @@ class DSLScheduler:
         slots = torch.cat(slots_all) if slots_all else m.coord.new_empty(0)
         if slots.numel():
             self._init_grown(m, slots)
-            reset_optimizer_rows(self.optimizer, m.values, slots)
+            fo = _fused(m)
+            if fo is not None:
+                fo.reset_state(slots)
+            else:
+                reset_optimizer_rows(self.optimizer, m.values, slots)
             if m.values.grad is not None:
                 m.values.grad[slots] = 0
             if pool.tracker is not None:
                 pool.tracker.on_reassign(slots)
             elif m.frozen is not None:
                 m.frozen[slots] = False
-            m.rebuild_index()
+            rebuild_index_lean(m)
         self._stats["moved_blocks"] += int(slots.numel())
 
     def _init_grown(self, m: BlockSparseBase, slots: Tensor) -> None:
@@ -378,7 +394,7 @@ class DSLScheduler:
             if sum(counts.values()) >= m.budget:
                 return
             keep = keep_largest(m, 0, counts)
-        compact_(m, keep, [self.optimizer])
+        compact_(m, keep, [] if self.optimizer is None else [self.optimizer])
         if pool.tracker is not None:
             pool.tracker.on_compact(keep)
         pool.acc.clear()
@@ -447,7 +463,8 @@ class DSLScheduler:
                     raise ValueError(f"pool {i} has {p.module.budget} slots but the checkpoint "
                                      f"{sd['budget']}; only dense_to_sparse changes the budget")
                 resize_pool_(p.module, sd["budget"])
-                st = self.optimizer.state.get(p.module.values)
+                st = (None if self.optimizer is None
+                      else self.optimizer.state.get(p.module.values))
                 if st:  # stale rows: opt.load_state_dict replaces them
                     self.optimizer.state.pop(p.module.values)
                 if p.tracker is not None:
@@ -476,11 +493,12 @@ class DSLScheduler:
 
 
 def load_checkpoint(checkpoint: Dict[str, Any], model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: DSLScheduler,
+                    optimizer: Optional[torch.optim.Optimizer], scheduler: DSLScheduler,
                     keys=("model", "optimizer", "scheduler")) -> None:
     """Load ``{"model": ..., "optimizer": ..., "scheduler": ...}`` in the order that works
     (scheduler first: it resizes compacted pools)."""
     km, ko, ks = keys
     scheduler.load_state_dict(checkpoint[ks])
     model.load_state_dict(checkpoint[km])
-    optimizer.load_state_dict(checkpoint[ko])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint[ko])

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import ops
 from ..pool import BlockSparseBase, LookupRecord, TableSpec
-from .prune_regrow import is_active
+from .prune_regrow import is_active_chunked
 
 
 class GrowthScoreAccumulator:
@@ -137,13 +137,14 @@ def sample_inactive_blocks(module: BlockSparseBase, tables: Sequence[TableSpec],
         need = n - chosen.numel()
         if need <= 0:
             break
-        m = 2 * need + 16
+        # Rounds of at most max(8192, n/8) draws: temporaries stay a small share of the pool.
+        m = min(2 * need + 16, max(1 << 13, n // 8))
         tab = torch.multinomial(sizes, m, replacement=True, generator=generator)
         row = (torch.rand(m, generator=generator, dtype=torch.float64) * n_rows[tab]).long()
         col = (torch.rand(m, generator=generator, dtype=torch.float64) * n_cols[tab]).long()
         grow = start[tab] + row
         keys = grow * NB + col
-        ok = (grow != pad[tab]) & ~is_active(module.row_mask, keys.to(dev), NB).cpu()
+        ok = (grow != pad[tab]) & ~is_active_chunked(module.row_mask, keys.to(dev), NB).cpu()
         keys = torch.cat([chosen, keys[ok]])
         # Keep the first draw of every key (draw order is the random order).
         uk, inv = torch.unique(keys, return_inverse=True)

@@ -12,8 +12,9 @@ would be the whole step's tail. Runs longer than ``CHUNK`` entries are therefore
 kernel sums each chunk of ``CHUNK`` entries into a small fp32 buffer (``[chunks, NB, B]``, only
 for the hot rows), and the hot row's program then sums its chunks in order and updates.
 
->>> # doctest: +SKIP
->>> from dsl_kernels.triton.fused_update import fused_update   # reference signature + backend
+Used through ``dsl_kernels.fused.fused_update(..., backend="triton")`` (or a module with
+``backend="triton"`` and :func:`dsl_kernels.fused.fuse_optimizer`); the function here has the
+reference signature of ``fused_update`` without the trailing backend.
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: T
     dev = values.device
     skipped = torch.zeros(1, dtype=torch.int64, device=dev)
     perm, run_start, run_rows, bag, scale = fused.touched_rows_plan(
-        indices, offsets, per_sample_weights, mode, padding_idx)
+        indices, offsets, per_sample_weights, mode, padding_idx, row_mask.shape[0])
     R = run_rows.numel()
     if R == 0:
         return skipped

@@ -23,7 +23,9 @@ from ._config import tile_config
 MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
 
 
-@triton.jit
+# Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
+# compiled variants).
+@triton.jit(do_not_specialize=["num_bags", "padding_idx"])
 def _lookup_kernel(values_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices_ptr,
                    offsets_ptr, psw_ptr, out_ptr, max_idx_ptr, num_bags, padding_idx,
                    B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, NBT: tl.constexpr,

@@ -31,7 +31,9 @@ from ._segments import build_segments, segment_reduce
 MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
 
 
-@triton.jit
+# Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
+# compiled variants).
+@triton.jit(do_not_specialize=["num_bags", "padding_idx"])
 def _backward_atomic_kernel(grad_out_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices_ptr,
                             offsets_ptr, psw_ptr, max_idx_ptr, frozen_ptr, grad_ptr, num_bags,
                             padding_idx, B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr,

@@ -16,7 +16,7 @@ from torch import Tensor
 _BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "total"])
 def _mask_kernel(keys_ptr, row_mask_ptr, C, total, NB: tl.constexpr, W: tl.constexpr,
                  BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

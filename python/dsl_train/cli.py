@@ -108,11 +108,17 @@ def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
     g.add_argument("--reg", type=float, default=0.0 if ctr else 1e-4,
                    help="L2 weight on the batch's embeddings (default %(default)s)")
     g.add_argument("--optimizer", default="adam", choices=("adam", "adagrad", "sgd"))
+    g.add_argument("--fused", action="store_true",
+                   help="sparse tables: fuse the optimizer into the backward (lazy, touched "
+                        "slots only, no gradient tensor; dsl_kernels.fused)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     g.add_argument("--eval-users", type=int, default=None,
                    help="users sampled for intermediate evaluations (the last one uses all)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on "
+                        "a busy machine)")
     g.add_argument("--out", default="runs", help="output folder (default runs/)")
     g.add_argument("--name", default=None, help="run name (default: derived from the options)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -175,7 +181,8 @@ def _method_cfg(a, method: Optional[str] = None, density: Optional[float] = None
 def _train_cfg(a, model: str) -> TrainConfig:
     return TrainConfig(model=model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, reg=a.reg,
                        dim=a.dim, layers=getattr(a, "layers", 3), eval_every=a.eval_every,
-                       eval_users=a.eval_users, optimizer=a.optimizer, seed=a.seed,
+                       eval_users=a.eval_users, optimizer=a.optimizer, fused=a.fused,
+                       seed=a.seed,
                        device=a.device, progress=not a.no_progress, out=a.out, name=a.name,
                        plot=not a.no_plot)
 
@@ -220,14 +227,20 @@ def load_ctr_data(a):
     return d.split(0.2)
 
 
+SUMMARY_KEYS = ("recall@20", "ndcg@20", "auc", "logloss", "prequential_recall@20",
+                "prequential_ndcg@20", "mask_updates", "skipped_update_ratio")
+
+
 def _summary_row(rep: dict) -> dict:
     mem = rep["memory"]
     row = {"run": rep["name"], "method": rep["method_config"]["method"],
            "density": rep["final"].get("density", rep["method_config"]["density"])}
-    row.update({k: v for k, v in rep["final"].items() if k != "density"})
+    row.update({k: rep["final"][k] for k in SUMMARY_KEYS if k in rep["final"]})
+    if rep["task"] == "dlrm":
+        row["step_ms"] = sum(e["step_time_ms"] for e in rep["epochs"]) / len(rep["epochs"])
     row["emb+opt"] = _fmt(mem["embedding_total_bytes"])
     row["% of dense"] = f"{100 * mem['embedding_share_of_dense']:.1f}%"
-    row["time_s"] = rep["wall_time_s"]
+    row["time_s"] = f"{rep['wall_time_s']:.1f}"
     return row
 
 
@@ -285,7 +298,10 @@ def cmd_demo(out: str = "runs", progress: bool = True, epochs: int = 12,
 
 
 def _sweep_plot(out: str, name: str, reps: List[dict], metric: str) -> str:
-    from .report import plot_sweep
+    from .report import can_plot, plot_sweep
+
+    if not can_plot():
+        return "(no plot: matplotlib missing)"
 
     rows = []
     for r in reps:
@@ -336,12 +352,14 @@ def cmd_stream(a) -> List[dict]:
         row = {"variant": r["variant"], "density": r["final"]["density"]}
         row.update({k: v for k, v in r["final"].items() if k != "density"})
         row["emb+opt"] = _fmt(r["memory"]["embedding_total_bytes"])
-        row["time_s"] = r["wall_time_s"]
+        row["time_s"] = f"{r['wall_time_s']:.1f}"
         rows.append(row)
     _print_table(rows)
-    from .report import plot_curves
+    from .report import can_plot, plot_curves
 
     k = tcfg.k
+    if not can_plot():
+        return reps
     p = plot_curves(os.path.join(a.out, f"stream-{stream.name}.png"),
                     {r["variant"]: [e[f"recall@{k}"] for e in r["epochs"]] for r in reps},
                     f"prequential recall@{k}", xlabel="window", title=stream.name)
@@ -389,6 +407,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import DataError
 
     t0 = time.perf_counter()
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
     try:
         if a.command is None:
             cmd_demo()

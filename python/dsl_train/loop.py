@@ -9,8 +9,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from . import report as rpt
 from .data import CTRData, EventStream, InteractionData, events_to_split, stream_windows
-from .methods import Controller, MethodConfig, backends_in_use, make_collection, make_table
+from .methods import (Controller, MethodConfig, backends_in_use, make_collection, make_table,
+                      sparse_pools)
 from .metrics import auc, log_loss, ranking_metrics, to_csr
 from .models import DLRM, LightGCN, MF
 
@@ -38,6 +39,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_users: Optional[int] = None  # users sampled for intermediate evaluations (final: all)
     optimizer: str = "adam"
+    fused: bool = False            # sparse tables: optimizer fused into the backward (lazy)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -63,8 +65,24 @@ def seed_all(seed: int) -> None:
 
 
 def make_optimizer_factory(tcfg: TrainConfig):
+    """``model -> optimizer``. With ``tcfg.fused`` every sparse pool gets the fused
+    backward+optimizer of ``dsl_kernels.fused`` (lazy Adam / Adagrad / SGD on the touched slots,
+    no ``values.grad``) and the torch optimizer covers the other parameters only."""
     def make(model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+        skip = set()
+        if tcfg.fused:
+            from dsl_kernels.fused import fuse_optimizer
+
+            for pool in sparse_pools(model):
+                if getattr(pool, "fused_optimizer", None) is None:
+                    fuse_optimizer(pool, tcfg.optimizer, lr=tcfg.lr)
+                skip.add(id(pool.values))
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+        if not params:
+            # Everything is fused (MF / LightGCN): the loop still calls step(); a stateless
+            # optimizer over a dummy parameter keeps that uniform.
+            params = [nn.Parameter(torch.zeros(1))]
+            return torch.optim.SGD(params, lr=0.0)
         if tcfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=tcfg.lr)
         if tcfg.optimizer == "adagrad":
@@ -80,10 +98,27 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+class _NoBar:
+    """Stand-in when tqdm is not installed or the bar is off."""
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety: never fail a run for it
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 class NegativeSampler:
@@ -114,6 +149,8 @@ def _run_name(tcfg: TrainConfig, mcfg: MethodConfig, data_name: str) -> str:
     if tcfg.name:
         return tcfg.name
     d = f"-d{mcfg.density:g}" if mcfg.sparse else ""
+    if mcfg.sparse and mcfg.mask_init != "random":
+        d += f"-{mcfg.mask_init}"
     return f"{tcfg.model}-{data_name}-{mcfg.method}{d}-s{tcfg.seed}"
 
 
@@ -232,7 +269,7 @@ def _save(rep: dict, tcfg: TrainConfig, curves: Dict[str, Sequence], metric: str
     os.makedirs(tcfg.out, exist_ok=True)
     base = os.path.join(tcfg.out, rep["name"])
     rep["files"] = {"json": base + ".json"}
-    if tcfg.plot:
+    if tcfg.plot and rpt.can_plot():
         rep["files"]["plot"] = rpt.plot_curves(base + ".png", curves, metric,
                                                title=rep["name"])
     rpt.write_json(base + ".json", rep)
@@ -268,7 +305,7 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
     steps_per_epoch = math.ceil(len(train) / tcfg.batch_size)
     ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
                      tcfg.epochs)
-    name = _run_name(tcfg, mcfg, train.name) + ("-skip" if mcfg.skip_stale else "")
+    name = tcfg.name or (_run_name(tcfg, mcfg, train.name) + ("-skip" if mcfg.skip_stale else ""))
     rep = _base_report("dlrm", tcfg, mcfg, f"{train.name}: {len(train):,} train / "
                        f"{len(test):,} test rows, {len(train.table_sizes)} tables, "
                        f"{sum(train.table_sizes):,} rows in all", dev)

@@ -207,7 +207,10 @@ class Controller:
         self.total_steps = max(1, total_steps)
         self.stop_step = stop_step if stop_step is not None else max(
             1, int(cfg.stop_fraction * self.total_steps))
-        self.prune_epoch = max(1, int(round(cfg.dense_fraction * epochs))) if epochs > 1 else None
+        if cfg.method == "magnitude" and epochs < 2:
+            raise ValueError("--method magnitude trains dense, prunes, then fine-tunes: it needs "
+                             "--epochs >= 2")
+        self.prune_epoch = min(epochs - 1, max(1, int(round(cfg.dense_fraction * epochs))))
         self.pruned = False
         if cfg.method in ("dsl", "dense_to_sparse") or (cfg.skip_stale and cfg.sparse
                                                         and cfg.method != "magnitude"):
@@ -248,8 +251,7 @@ class Controller:
 
     def end_epoch(self, epoch: int) -> Optional[str]:
         """Called after epoch ``epoch`` (0-based); returns a note when something changed."""
-        if self.cfg.method == "magnitude" and not self.pruned and self.prune_epoch is not None \
-                and epoch + 1 == self.prune_epoch:
+        if self.cfg.method == "magnitude" and not self.pruned and epoch + 1 == self.prune_epoch:
             for name, mod in self.model.embedding_modules().items():
                 self.model.replace_embedding(name, prune_to_sparse(mod, self.cfg))
             self.optimizer = self.make_optimizer(self.model)

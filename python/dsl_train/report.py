@@ -56,6 +56,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, param_ids=None) -> i
     return total
 
 
+def fused_state_bytes(model: nn.Module) -> int:
+    """Optimizer state held by sparse pools trained with a fused optimizer (module buffers)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BlockSparseBase) and getattr(m, "fused_optimizer", None) is not None:
+            total += sum(_tensor_bytes(getattr(m, n, None))
+                         for n in ("fused_state1", "fused_state2", "fused_step"))
+    return total
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -71,8 +81,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=
     ``dense_equivalent_*`` is what stock dense tables of the same shapes would cost with the same
     optimizer (its state per value measured on the live run, e.g. 2 x 4 bytes for Adam)."""
     held, ids, dense_eq, numel = _embedding_tensors(model)
-    emb_opt = optimizer_state_bytes(optimizer, ids)
-    all_opt = optimizer_state_bytes(optimizer)
+    emb_opt = optimizer_state_bytes(optimizer, ids) + fused_state_bytes(model)
+    all_opt = optimizer_state_bytes(optimizer) + fused_state_bytes(model)
     other_params = sum(_tensor_bytes(p) for p in model.parameters() if id(p) not in ids)
     dense_vals = dense_eq
     per_value = emb_opt / numel if numel else 0.0
@@ -127,6 +137,18 @@ def write_json(path: str, report: dict) -> str:
     return path
 
 
+def can_plot() -> bool:
+    """True when matplotlib is importable (plots are skipped with a warning otherwise)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        import warnings
+
+        warnings.warn("matplotlib is not installed: no PNG plots", stacklevel=2)
+        return False
+    return True
+
+
 def _plt():
     import matplotlib
 
@@ -146,6 +168,9 @@ def plot_curves(path: str, curves: Dict[str, Sequence], metric: str, xlabel: str
         pts = [(a, b) for a, b in zip(x, ys) if b is not None and math.isfinite(b)]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
