@@ -524,7 +524,8 @@ def test_scheduler_on_cuda(backend, name):
     ebc2, opt2, sched2 = build(1)
     load_checkpoint(ck, ebc2, opt2, sched2)
     train(ebc2, opt2, sched2, 11, 22)
-    if backend == "reference":  # bit-exact where the backend is deterministic
-        assert torch.equal(ebc.coord, ebc2.coord) and torch.equal(ebc.values, ebc2.values)
-    else:
-        assert torch.allclose(ebc.values, ebc2.values, atol=1e-4)
+    # The reference backend's forward sums bags with index_add_, which uses atomics on CUDA, so
+    # on a GPU it is not bit-deterministic (bit-exact resume is tested on CPU): same mask,
+    # values equal to fp32 rounding.
+    assert torch.equal(ebc.coord, ebc2.coord)
+    assert torch.allclose(ebc.values, ebc2.values, atol=1e-4)
