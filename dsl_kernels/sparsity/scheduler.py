@@ -287,9 +287,18 @@ class DSLScheduler:
         if action == "regrow":
             self._stats["mask_updates"] += 1
             self._stats["last_update_fraction"] = self.update_fraction(t)
-        if self.skip_stale and t % self.stale_window == 0:
+        stale_check = self.skip_stale and t % self.stale_window == 0
+        if stale_check:
             for pool in self.pools:
                 pool.tracker.check(self.generator)
+        if action is not None or stale_check:
+            # Data-parallel runs: rank 0's decision wins and is broadcast (mask, values, frozen
+            # flags, optimizer rows), so every replica holds the identical pool. No-op without
+            # torch.distributed.
+            from ..distributed import sync_mask_
+
+            for pool in self.pools:
+                sync_mask_(pool.module, 0, self.optimizer)
 
     def _finite_ok(self, i: int, pool: _Pool, t: int) -> bool:
         if self.nan_policy == "ignore":
