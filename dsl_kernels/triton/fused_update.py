@@ -25,22 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._bits import popcount64  # shared SWAR popcount
+
 
 CHUNK = 1024  # entries per partial sum of a hot row
 ENTRY_TILE = 16  # entries gathered per loop iteration
-
-
-@triton.jit
-def _popcount64(x):
-    """Set bits of each int64 (SWAR; every arithmetic-shifted value is masked before a copied
-    sign bit could land in a counted position)."""
-    x = x - ((x >> 1) & 0x5555555555555555)
-    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
-    x = x + (x >> 8)
-    x = x + (x >> 16)
-    x = x + (x >> 32)
-    return x & 0x7F
 
 
 @triton.jit
@@ -54,10 +43,10 @@ def _row_slots(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, j, jvalid, W: tl.c
     word = tl.load(row_mask_ptr + base + (j >> 6), mask=jvalid, other=0)
     active = jvalid & (((word >> b) & 1) != 0)
     one = tl.full(b.shape, 1, tl.int64)
-    rank = _popcount64(word & ((one << b) - 1))  # (1 << 63) - 1 wraps to INT64_MAX: fine
+    rank = popcount64(word & ((one << b) - 1))  # (1 << 63) - 1 wraps to INT64_MAX: fine
     for k in tl.static_range(W - 1):  # active blocks in the words before j's word
         wk = tl.load(row_mask_ptr + base + k, mask=jvalid, other=0)
-        rank += tl.where(k < (j >> 6), _popcount64(wk), 0)
+        rank += tl.where(k < (j >> 6), popcount64(wk), 0)
     start = tl.load(row_ptr_ptr + rowv, mask=jvalid, other=0).to(tl.int64)
     slot = tl.load(row_slots_ptr + start + rank, mask=active, other=0).to(tl.int64)
     return slot, active
