@@ -123,6 +123,20 @@ def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
     g.add_argument("--name", default=None, help="run name (default: derived from the options)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no PNG")
+    if model in ("mf", "lightgcn", "dlrm"):
+        g.add_argument("--checkpoint", default=None, metavar="PATH",
+                       help="write a checkpoint (model, optimizer, mask schedule, RNG states, "
+                            "per-epoch history) to PATH at the end of every epoch")
+        g.add_argument("--resume", default=None, metavar="PATH",
+                       help="continue from the checkpoint at PATH (same options as the run that "
+                            "wrote it); on CPU the result equals an uninterrupted run")
+        g.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="data-parallel processes: N > 1 re-launches this command under "
+                            "torchrun (python -m torch.distributed.run --standalone "
+                            "--nproc_per_node N); each rank trains every N-th batch, gradients "
+                            "are averaged by DDP (gloo on CPU, nccl on CUDA), rank 0's mask is "
+                            "broadcast after every update, and rank 0 alone evaluates and writes "
+                            "the JSON/plot. Not with --method magnitude or --fused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +198,8 @@ def _train_cfg(a, model: str) -> TrainConfig:
                        eval_users=a.eval_users, optimizer=a.optimizer, fused=a.fused,
                        seed=a.seed,
                        device=a.device, progress=not a.no_progress, out=a.out, name=a.name,
-                       plot=not a.no_plot)
+                       plot=not a.no_plot, checkpoint=getattr(a, "checkpoint", None),
+                       resume=getattr(a, "resume", None))
 
 
 def load_ranking_data(path: str, seed: int = 0):
@@ -316,9 +331,47 @@ def _sweep_plot(out: str, name: str, reps: List[dict], metric: str) -> str:
     return plot_sweep(os.path.join(out, f"{name}-sweep.png"), rows, metric, title=name)
 
 
-def cmd_train(a) -> dict:
-    from .loop import run_ctr, run_ranking
+def _relaunch(argv: List[str], nproc: int) -> int:
+    """Run ``dsl-train argv`` (less ``--nproc``) under torchrun with ``nproc`` processes."""
+    import subprocess
 
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            rest.append(x)
+    env = dict(os.environ)
+    # The workers import dsl_train with -m: make sure they find this copy of it.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [x for x in env.get("PYTHONPATH", "").split(
+        os.pathsep) if x])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "dsl_train"] + rest
+    print("dsl-train: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _init_distributed(device: str) -> None:
+    """Under torchrun (LOCAL_RANK set): the process group, gloo on CPU and nccl on CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def cmd_train(a) -> dict:
+    from .loop import dist_world, run_ctr, run_ranking
+
+    _init_distributed(a.device)
+    rank = dist_world()[0]
     tcfg = _train_cfg(a, a.command)
     mcfg = _method_cfg(a)
     if a.command == "dlrm":
@@ -326,8 +379,11 @@ def cmd_train(a) -> dict:
         rep = run_ctr(train, test, tcfg, mcfg)
     else:
         data = load_ranking_data(a.data, a.seed)
-        print(data.summary(), flush=True)
+        if rank == 0:
+            print(data.summary(), flush=True)
         rep = run_ranking(data, tcfg, mcfg)
+    if rank != 0:
+        return rep
     _print_table([_summary_row(rep)])
     print(f"\n{rep['files']['json']}")
     return rep
@@ -403,8 +459,15 @@ def cmd_sweep(a) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
     from .data import DataError
+
+    nproc = getattr(a, "nproc", 1)
+    if nproc < 1:
+        parser.error("--nproc must be >= 1")
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch(argv, nproc)
 
     t0 = time.perf_counter()
     if getattr(a, "threads", None):
@@ -416,6 +479,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd_demo()
         elif a.command in ("mf", "lightgcn", "dlrm"):
             cmd_train(a)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                rank = dist.get_rank()
+                dist.destroy_process_group()
+                if rank != 0:
+                    return 0
         elif a.command == "stream":
             cmd_stream(a)
         elif a.command == "sweep":

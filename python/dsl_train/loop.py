@@ -46,6 +46,8 @@ class TrainConfig:
     out: str = "runs"
     name: Optional[str] = None
     plot: bool = True
+    checkpoint: Optional[str] = None  # mf/lightgcn/dlrm: written at the end of every epoch
+    resume: Optional[str] = None      # mf/lightgcn/dlrm: continue from this checkpoint
 
 
 def pick_device(name: str) -> torch.device:
@@ -145,6 +147,116 @@ class NegativeSampler:
         return neg
 
 
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_world() -> Tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossModule(nn.Module):
+    """``forward`` = ``model.loss``: DistributedDataParallel only all-reduces gradients of
+    computations that go through ``forward``, and the ranking models train through ``loss``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.loss(*args)
+
+
+def _wrap_ddp(model: nn.Module, ctl: Controller, mcfg: MethodConfig, tcfg: TrainConfig,
+              loss_module: bool) -> nn.Module:
+    """Under torchrun: one rank's mask and optimizer state everywhere, then DDP (the pool's index
+    buffers are excluded: they are derived from ``coord`` and rebuilt locally). Returns the
+    module the training step calls (``model`` itself on one process)."""
+    rank, world = dist_world()
+    step = _LossModule(model) if loss_module else model
+    if world == 1:
+        return step
+    if mcfg.method == "magnitude":
+        raise ValueError("--nproc > 1: --method magnitude replaces the tables mid-run, which DDP "
+                         "cannot follow; use dsl, static, dense or dense_to_sparse")
+    if tcfg.fused:
+        raise ValueError("--nproc > 1: --fused updates the tables inside the backward, before "
+                         "DDP averages the gradients; drop --fused")
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dsl_kernels.distributed import ddp_ignore_pool_buffers, sync_mask_
+
+    sync_mask_(model, 0, ctl.optimizer)
+    ddp_ignore_pool_buffers(step)
+    dev = next(model.parameters()).device
+    return DDP(step, device_ids=[dev.index if dev.index is not None
+                                 else torch.cuda.current_device()] if dev.type == "cuda" else None)
+
+
+def _replica_check(model: nn.Module, ctl: Controller) -> list:
+    """Names of the parameters, buffers and optimizer states that differ from rank 0's at the
+    end of the run (expected: none). One broadcast of the state: once per run, not per step."""
+    from dsl_kernels.distributed import check_replicas_in_sync
+
+    return check_replicas_in_sync(model, ctl.optimizer, raise_error=False)
+
+
+def _shard(num_batches: int) -> list:
+    """Batch numbers this rank trains on: every world-th batch, the same count on every rank
+    (DDP's collectives need equal step counts), wrapping around when there are fewer batches
+    than ranks."""
+    rank, world = dist_world()
+    if world == 1:
+        return list(range(num_batches))
+    steps = max(1, num_batches // world)
+    return [(rank + world * i) % num_batches for i in range(steps)]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module, ctl: Controller,
+                     epoch: int, history: list) -> None:
+    """Write ``tcfg.checkpoint`` after ``epoch`` completed epochs (atomic: a crash mid-write
+    keeps the previous file). Global RNG states go in through ``dsl_kernels.save``; the
+    scheduler's own generator is in its state dict; everything else the loop needs to go on is
+    in ``extra``."""
+    if not tcfg.checkpoint or dist_world()[0] != 0:
+        return
+    import dsl_kernels
+
+    dsl_kernels.save(tcfg.checkpoint, model, ctl.optimizer, ctl.scheduler, epoch=epoch,
+                     history=history, model_kind=tcfg.model, method=mcfg.method,
+                     pruned=ctl.pruned)
+
+
+def _load_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module,
+                     ctl: Controller) -> Tuple[int, list]:
+    """Restore ``tcfg.resume`` into ``model`` / ``ctl``; returns (epochs done, history rows)."""
+    import dsl_kernels
+    from dsl_kernels.checkpoint import read_payload
+
+    meta = read_payload(tcfg.resume).get("extra", {})
+    for key, want in (("model_kind", tcfg.model), ("method", mcfg.method)):
+        if key in meta and meta[key] != want:
+            raise ValueError(f"--resume {tcfg.resume}: the checkpoint is a {key.split('_')[0]} "
+                             f"{meta[key]!r} run, this run is {want!r}")
+    if meta.get("pruned") and not ctl.pruned:
+        # Magnitude runs change the tables at the prune epoch: rebuild that structure first so
+        # the checkpoint's state dict fits, then overwrite it.
+        ctl.end_epoch(ctl.prune_epoch - 1)
+    extra = dsl_kernels.load(tcfg.resume, model, ctl.optimizer, ctl.scheduler)
+    epoch = int(extra["epoch"])
+    if epoch > tcfg.epochs:
+        raise ValueError(f"--resume {tcfg.resume}: the checkpoint has {epoch} epochs done, "
+                         f"more than --epochs {tcfg.epochs}")
+    return epoch, [dict(r) for r in extra.get("history", [])]
+
+
 def _run_name(tcfg: TrainConfig, mcfg: MethodConfig, data_name: str) -> str:
     if tcfg.name:
         return tcfg.name
@@ -161,16 +273,28 @@ def _base_report(task: str, tcfg: TrainConfig, mcfg: MethodConfig, data_summary:
             "method_config": mcfg.to_dict(), "epochs": []}
 
 
-def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar) -> Tuple[float, float]:
+def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar,
+                   step_fn=None, epoch: int = 0, seed: int = 0) -> Tuple[float, float]:
+    """One BPR pass. ``step_fn(u, p, q, reg) -> (loss, bpr)`` defaults to ``model.loss`` (the
+    DDP-wrapped loss under torchrun, where each rank trains its shard of the batches)."""
     n = users.numel()
-    perm = torch.randperm(n, device=users.device)
+    rank, world = dist_world()
+    if world > 1:
+        # Every rank must shuffle alike to shard the same permutation, but the global RNG
+        # drifts apart across ranks (negative sampling): a per-epoch generator.
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g).to(users.device)
+    else:
+        perm = torch.randperm(n, device=users.device)
+    step_fn = step_fn or model.loss
     tot = tot_b = 0.0
     steps = 0
-    for lo in range(0, n, bs):
+    for bi in _shard(math.ceil(n / bs)):
+        lo = bi * bs
         idx = perm[lo:lo + bs]
         u, p = users[idx], items[idx]
         q = sampler.sample(u)
-        loss, b = model.loss(u, p, q, reg)
+        loss, b = step_fn(u, p, q, reg)
         ctl.zero_grad()
         loss.backward()
         ctl.step()
@@ -214,9 +338,11 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
     tu, ti = data.train_users.to(dev), data.train_items.to(dev)
     model = build_ranking_model(tcfg, mcfg, data.num_users, data.num_items, data.train_users,
                                 data.train_items, dev)
-    steps_per_epoch = math.ceil(data.num_train / tcfg.batch_size)
+    steps_per_epoch = len(_shard(math.ceil(data.num_train / tcfg.batch_size)))
     ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
                      tcfg.epochs)
+    rank, world = dist_world()
+    step_fn = _wrap_ddp(model, ctl, mcfg, tcfg, loss_module=True) if world > 1 else None
     sampler = NegativeSampler(tu, ti, data.num_items, dev)
     train_csr = to_csr(data.train_users, data.train_items, data.num_users)
     test_csr = to_csr(data.test_users, data.test_items, data.num_users)
@@ -230,19 +356,26 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
     rep["backends"] = backends_in_use(model)
     k = tcfg.k
     t_run = time.perf_counter()
-    bar = _bar(steps_per_epoch * tcfg.epochs, name, tcfg.progress)
-    bar._metric = ""
+    start = 0
     last = {}
-    for ep in range(tcfg.epochs):
+    if tcfg.resume:
+        start, rep["epochs"] = _load_checkpoint(tcfg, mcfg, model, ctl)
+        evals = [r for r in rep["epochs"] if f"recall@{k}" in r]
+        if evals:
+            last = {key: evals[-1][key] for key in (f"recall@{k}", f"ndcg@{k}", "eval_users")}
+    bar = _bar(steps_per_epoch * (tcfg.epochs - start), name, tcfg.progress and rank == 0)
+    bar._metric = ""
+    for ep in range(start, tcfg.epochs):
         _sync(dev)
         t0 = time.perf_counter()
-        loss, b = _ranking_epoch(model, ctl, tu, ti, sampler, tcfg.batch_size, tcfg.reg, bar)
+        loss, b = _ranking_epoch(model, ctl, tu, ti, sampler, tcfg.batch_size, tcfg.reg, bar,
+                                 step_fn, ep, tcfg.seed)
         trained_bytes = rpt.memory_report(model, ctl.optimizer)["embedding_total_bytes"]
         note = ctl.end_epoch(ep)
         _sync(dev)
         row = {"epoch": ep + 1, "loss": loss, "bpr": b, "time_s": time.perf_counter() - t0}
         final = ep + 1 == tcfg.epochs
-        if final or (tcfg.eval_every and (ep + 1) % tcfg.eval_every == 0):
+        if rank == 0 and (final or (tcfg.eval_every and (ep + 1) % tcfg.eval_every == 0)):
             t1 = time.perf_counter()
             last = _eval_ranking(model, train_csr, test_csr, data.num_items, k,
                                  None if final else eval_sample)
@@ -254,8 +387,12 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
         if note:
             row["note"] = note
         rep["epochs"].append(row)
+        _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
     bar.close()
     rep["wall_time_s"] = time.perf_counter() - t_run
+    if world > 1:
+        rep["world_size"] = world
+        rep["replica_mismatches"] = _replica_check(model, ctl)
     rep["final"] = {key: last.get(key) for key in (f"recall@{k}", f"ndcg@{k}")}
     rep["final"]["density"] = ctl.stats()["density"]
     rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
@@ -266,6 +403,9 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
 
 
 def _save(rep: dict, tcfg: TrainConfig, curves: Dict[str, Sequence], metric: str) -> dict:
+    if dist_world()[0] != 0:  # under torchrun only rank 0 reports
+        rep["files"] = {}
+        return rep
     os.makedirs(tcfg.out, exist_ok=True)
     base = os.path.join(tcfg.out, rep["name"])
     rep["files"] = {"json": base + ".json"}
@@ -302,9 +442,12 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
         torch.cuda.reset_peak_memory_stats(dev)
     tables = make_collection(mcfg, train.table_sizes, train.feature_names, tcfg.dim, device=dev)
     model = DLRM(train.dense.shape[1], tables, tcfg.dim).to(dev)
-    steps_per_epoch = math.ceil(len(train) / tcfg.batch_size)
+    batches = _shard(math.ceil(len(train) / tcfg.batch_size))
+    steps_per_epoch = len(batches)
     ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
                      tcfg.epochs)
+    rank, world = dist_world()
+    step_model = _wrap_ddp(model, ctl, mcfg, tcfg, loss_module=False)
     name = tcfg.name or (_run_name(tcfg, mcfg, train.name) + ("-skip" if mcfg.skip_stale else ""))
     rep = _base_report("dlrm", tcfg, mcfg, f"{train.name}: {len(train):,} train / "
                        f"{len(test):,} test rows, {len(train.table_sizes)} tables, "
@@ -313,17 +456,22 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
     rep["backends"] = backends_in_use(model)
     dense, sparse, labels = train.dense.to(dev), train.sparse.to(dev), train.labels.to(dev)
     bce = nn.BCEWithLogitsLoss()
-    bar = _bar(steps_per_epoch * tcfg.epochs, name, tcfg.progress)
+    start = 0
+    last = {}
+    if tcfg.resume:
+        start, rep["epochs"] = _load_checkpoint(tcfg, mcfg, model, ctl)
+        if rep["epochs"]:
+            last = {key: rep["epochs"][-1][key] for key in ("auc", "logloss")}
+    bar = _bar(steps_per_epoch * (tcfg.epochs - start), name, tcfg.progress and rank == 0)
     metric = ""
     t_run = time.perf_counter()
-    last = {}
-    for ep in range(tcfg.epochs):
+    for ep in range(start, tcfg.epochs):
         _sync(dev)
         t0 = time.perf_counter()
         tot, steps = 0.0, 0
-        for lo in range(0, len(train), tcfg.batch_size):
-            sl = slice(lo, lo + tcfg.batch_size)
-            logit = model(dense[sl], sparse[sl])
+        for bi in batches:
+            sl = slice(bi * tcfg.batch_size, (bi + 1) * tcfg.batch_size)
+            logit = step_model(dense[sl], sparse[sl])
             loss = bce(logit, labels[sl])
             ctl.zero_grad()
             loss.backward()
@@ -336,16 +484,23 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
         note = ctl.end_epoch(ep)
         _sync(dev)
         dt = time.perf_counter() - t0
-        last = _eval_ctr(model, test, dev)
-        metric = f" auc={last['auc']:.4f}"
+        if rank == 0:  # under torchrun only rank 0 evaluates
+            last = _eval_ctr(model, test, dev)
+            metric = f" auc={last['auc']:.4f}"
+        else:
+            last = {"auc": float("nan"), "logloss": float("nan")}
         row = {"epoch": ep + 1, "loss": tot / max(1, steps), "time_s": dt,
                "step_time_ms": 1000 * dt / max(1, steps), **last, **ctl.stats()}
         row["embedding_total_bytes"] = trained_bytes
         if note:
             row["note"] = note
         rep["epochs"].append(row)
+        _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
     bar.close()
     rep["wall_time_s"] = time.perf_counter() - t_run
+    if world > 1:
+        rep["world_size"] = world
+        rep["replica_mismatches"] = _replica_check(model, ctl)
     rep["final"] = dict(last)
     rep["final"].update({k: v for k, v in ctl.stats().items()})
     rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
