@@ -483,9 +483,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             if dist.is_available() and dist.is_initialized():
                 rank = dist.get_rank()
+                dist.barrier()
                 dist.destroy_process_group()
-                if rank != 0:
-                    return 0
+                if rank == 0:
+                    print(f"done in {time.perf_counter() - t0:.1f} s")
+                # Worker processes end here without running C++ static destructors: gloo/DDP
+                # background threads torn down at interpreter exit can abort() ("terminate
+                # called without an active exception") after all work is done and saved.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
         elif a.command == "stream":
             cmd_stream(a)
         elif a.command == "sweep":
