@@ -58,3 +58,26 @@ def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, rvalid, j, jvali
     start = tl.load(row_ptr_ptr + row, mask=rvalid, other=0)
     slot = tl.load(row_slots_ptr + (start + rank), mask=active, other=0)
     return slot, active
+
+
+@triton.jit
+def bag_tile(offsets_ptr, num_bags, G: tl.constexpr, NBT: tl.constexpr, BP: tl.constexpr,
+             CB: tl.constexpr):
+    """The tile of the program: ``G`` bags (axis 0 of the grid) x ``NBT`` blocks x ``BP``
+    columns of a block (axis 1 cuts blocks into ``CB`` column chunks). Shared by the lookup
+    forward and backward so both walk bags identically.
+
+    Returns ``bag, bmask, start, length, max_len`` over the bags (``[G]``) and the block and
+    column indices ``j3 [1, NBT, 1]``, ``c3 [1, 1, BP]``.
+    """
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bag = pid_b.to(tl.int64) * G + tl.arange(0, G)
+    bmask = bag < num_bags
+    start = tl.load(offsets_ptr + bag, mask=bmask, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + bag + 1, mask=bmask, other=0).to(tl.int64)
+    length = end - start
+    max_len = tl.max(length, 0)
+    j = (pid_c // CB) * NBT + tl.arange(0, NBT)
+    c = (pid_c % CB) * BP + tl.arange(0, BP)
+    return bag, bmask, start, length, max_len, j[None, :, None], c[None, None, :]

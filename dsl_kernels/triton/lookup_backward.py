@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._bits import resolve_slot
+from ._bits import bag_tile, resolve_slot
 from ._common import check_bags, check_values, contiguous, mask_words
 from ._config import tile_config
 from . import _segments
@@ -41,20 +41,8 @@ def _backward_atomic_kernel(grad_out_ptr, row_ptr_ptr, row_slots_ptr, row_mask_p
                             G: tl.constexpr, MODE: tl.constexpr, HAS_PSW: tl.constexpr,
                             HAS_FROZEN: tl.constexpr,
                             SLOT64: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
     D: tl.constexpr = NB * B
-    bag = pid_b.to(tl.int64) * G + tl.arange(0, G)
-    bmask = bag < num_bags
-    start = tl.load(offsets_ptr + bag, mask=bmask, other=0).to(tl.int64)
-    end = tl.load(offsets_ptr + bag + 1, mask=bmask, other=0).to(tl.int64)
-    length = end - start
-    max_len = tl.max(length, 0)
-
-    j = (pid_c // CB) * NBT + tl.arange(0, NBT)
-    c = (pid_c % CB) * BP + tl.arange(0, BP)
-    j3 = j[None, :, None]
-    c3 = c[None, None, :]
+    bag, bmask, start, length, max_len, j3, c3 = bag_tile(offsets_ptr, num_bags, G, NBT, BP, CB)
     jvalid = j3 < NB
     cvalid = c3 < B
     goff = bag[:, None, None] * D + j3 * B + c3
