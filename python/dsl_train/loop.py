@@ -219,6 +219,23 @@ def _shard(num_batches: int) -> list:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+
+def _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep) -> None:
+    """Record one finished epoch (shared by the ranking and CTR loops) and checkpoint it."""
+    row["embedding_total_bytes"] = trained_bytes  # what this epoch trained with
+    if note:
+        row["note"] = note
+    rep["epochs"].append(row)
+    _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
+
+
+def _end_run(rep, t_run, world, model, ctl) -> None:
+    """Wall time and, for data-parallel runs, the replica check of a finished run."""
+    rep["wall_time_s"] = time.perf_counter() - t_run
+    if world > 1:
+        rep["world_size"] = world
+        rep["replica_mismatches"] = _replica_check(model, ctl)
+
 def _save_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module, ctl: Controller,
                      epoch: int, history: list) -> None:
     """Write ``tcfg.checkpoint`` after ``epoch`` completed epochs (atomic: a crash mid-write
@@ -383,16 +400,9 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
             row["eval_time_s"] = time.perf_counter() - t1
             bar._metric = f" R@{k}={last[f'recall@{k}']:.4f}"
         row.update(ctl.stats())
-        row["embedding_total_bytes"] = trained_bytes  # what this epoch trained with
-        if note:
-            row["note"] = note
-        rep["epochs"].append(row)
-        _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
+        _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep)
     bar.close()
-    rep["wall_time_s"] = time.perf_counter() - t_run
-    if world > 1:
-        rep["world_size"] = world
-        rep["replica_mismatches"] = _replica_check(model, ctl)
+    _end_run(rep, t_run, world, model, ctl)
     rep["final"] = {key: last.get(key) for key in (f"recall@{k}", f"ndcg@{k}")}
     rep["final"]["density"] = ctl.stats()["density"]
     rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
@@ -491,16 +501,9 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
             last = {"auc": float("nan"), "logloss": float("nan")}
         row = {"epoch": ep + 1, "loss": tot / max(1, steps), "time_s": dt,
                "step_time_ms": 1000 * dt / max(1, steps), **last, **ctl.stats()}
-        row["embedding_total_bytes"] = trained_bytes
-        if note:
-            row["note"] = note
-        rep["epochs"].append(row)
-        _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
+        _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep)
     bar.close()
-    rep["wall_time_s"] = time.perf_counter() - t_run
-    if world > 1:
-        rep["world_size"] = world
-        rep["replica_mismatches"] = _replica_check(model, ctl)
+    _end_run(rep, t_run, world, model, ctl)
     rep["final"] = dict(last)
     rep["final"].update({k: v for k, v in ctl.stats().items()})
     rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
