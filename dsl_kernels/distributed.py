@@ -54,6 +54,8 @@ __all__ = [
     "is_active",
     "all_reduce_scores_",
     "all_reduce_row_scores",
+    "reduce_growth_scores",
+    "is_shard",
     "sync_mask_",
     "broadcast_optimizer_state_",
     "ddp_ignore_pool_buffers",
@@ -84,8 +86,21 @@ def is_active(group: Any = None) -> bool:
     return dist.get_world_size(group) > 1
 
 
+def is_shard(module: nn.Module) -> bool:
+    """True for a pool that holds one shard of a larger collection (``is_shard = True``, set by
+    :mod:`dsl_kernels.torchrec`): its contents differ per rank by design, so the replica helpers
+    here leave it alone.
+
+    >>> import dsl_kernels
+    >>> is_shard(dsl_kernels.SparseEmbeddingBag(10, 4, block_size=2))
+    False
+    """
+    return bool(getattr(module, "is_shard", False))
+
+
 def _pools(module: nn.Module) -> List[BlockSparseBase]:
-    return [m for m in module.modules() if isinstance(m, BlockSparseBase)]
+    """The replicated pools of ``module`` (shards excluded: see :func:`is_shard`)."""
+    return [m for m in module.modules() if isinstance(m, BlockSparseBase) and not is_shard(m)]
 
 
 # ----------------------------------------------------------------------------- scores
@@ -156,6 +171,24 @@ def all_reduce_row_scores(rows: Tensor, scores: Tensor, group: Any = None,
     if average:
         out = out / world if out.is_floating_point() else out // world
     return urows, out
+
+
+def reduce_growth_scores(module: nn.Module, keys: Tensor, scores: Tensor, group: Any = None
+                         ) -> Tuple[Tensor, Tensor]:
+    """Growth candidates of a replicated pool summed over ranks: ``keys`` (ascending, unique)
+    with ``scores`` -> the union of keys with summed scores, identical on every rank, so a mask
+    update under data parallelism follows every rank's batches, not only rank 0's. Called by
+    ``DSLScheduler`` before it ranks candidates. Unchanged in one process and for shards
+    (:func:`is_shard`), whose scores already come from the global batch.
+
+    >>> import torch, dsl_kernels
+    >>> emb = dsl_kernels.SparseEmbeddingBag(10, 4, block_size=2)
+    >>> reduce_growth_scores(emb, torch.tensor([3, 8]), torch.tensor([0.5, 1.0]))[1]
+    tensor([0.5000, 1.0000])
+    """
+    if is_shard(module) or not is_active(group):
+        return keys, scores
+    return all_reduce_row_scores(keys, scores, group=group)
 
 
 # ------------------------------------------------------------------------------- masks
@@ -261,15 +294,22 @@ def _as_bytes(t: Tensor) -> Tensor:
 def _state_tensors(module: nn.Module, optimizer: Optional[torch.optim.Optimizer]
                    ) -> Dict[str, Tensor]:
     out: Dict[str, Tensor] = {}
+    # Shards differ per rank by design: only replicated state is compared.
+    sharded = {id(t) for m in module.modules() if is_shard(m)
+               for t in list(m.parameters()) + list(m.buffers())}
     for name, p in module.named_parameters():
-        out["param:" + name] = p
+        if id(p) not in sharded:
+            out["param:" + name] = p
     for name, b in module.named_buffers():
-        out["buffer:" + name] = b
+        if id(b) not in sharded:
+            out["buffer:" + name] = b
     if optimizer is not None:
         names = {id(p): n for n, p in module.named_parameters()}
         for gi, g in enumerate(optimizer.param_groups):
             for pi, p in enumerate(g["params"]):
                 label = names.get(id(p), f"group{gi}.param{pi}")
+                if id(p) in sharded:
+                    continue
                 for k, v in sorted(optimizer.state.get(p, {}).items()):
                     if isinstance(v, Tensor):
                         out[f"optimizer:{label}.{k}"] = v

@@ -320,7 +320,14 @@ class DSLScheduler:
         m = pool.module
         if self.grow == "gradient":
             keys, scores = pool.acc.take()
-            return keys.to(m.coord.device), scores.to(m.coord.device)
+            # Data-parallel replicas: sum the candidates' scores over ranks, so the mask follows
+            # the global batch (no-op in one process and for sharded pools, whose scores already
+            # come from the global batch).
+            from ..distributed import reduce_growth_scores
+
+            keys, scores = reduce_growth_scores(m, keys.to(m.coord.device),
+                                                scores.to(m.coord.device))
+            return keys, scores
         keys = sample_inactive_blocks(m, tables, k, self.generator)
         scores = torch.arange(keys.numel(), 0, -1, dtype=torch.float32, device=keys.device)
         return keys, scores
@@ -332,7 +339,13 @@ class DSLScheduler:
         if self.distribution == "global" or len(m.tables) == 1:
             k = int(round(frac * m.num_active_blocks))
             keys, scores = self._candidates(pool, m.tables, k)
-            if k > 0:
+            # Extension point: a pool that is one shard of a larger collection (see
+            # dsl_kernels.torchrec) defines ``dsl_prune_regrow_(keys, scores, fraction) -> slots``
+            # and applies one threshold across all shards itself.
+            sharded = getattr(m, "dsl_prune_regrow_", None)
+            if sharded is not None:
+                slots_all.append(sharded(keys, scores, frac))
+            elif k > 0:
                 slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
                                          m.num_blocks, None, backend)
                 slots_all.append(slots)
