@@ -205,6 +205,16 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
         self.output = output
         self._init_even(counts, init)
 
+    @classmethod
+    def from_torchrec(cls, tables, density=0.1, block_size: int = 8, **kw):
+        """A collection built from torchrec ``EmbeddingBagConfig`` tables whose forward takes a
+        ``KeyedJaggedTensor`` and returns a ``KeyedTensor`` (several features per table); needs
+        the ``[torchrec]`` extra. See :class:`dsl_kernels.torchrec.TorchrecSparseEmbeddingBagCollection`.
+        """
+        from .torchrec import from_torchrec  # optional dependency: imported on use only
+
+        return from_torchrec(tables, density=density, block_size=block_size, **kw)
+
     def table(self, name: str) -> TableSpec:
         for t in self.tables:
             if t.name == name:
