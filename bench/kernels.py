@@ -137,7 +137,7 @@ def make_pool(cfg: Config, device: str, dtype: torch.dtype, gen: torch.Generator
     ``(values, row_ptr, row_slots, row_mask)``. Slots are in (row, col) order, as a freshly
     initialised module has them, or randomly permuted with ``shuffle`` (a pool after many
     prune/regrow steps). Built in row chunks so no ``[N, NB]`` tensor exists for large N."""
-    from dsl_kernels.triton.rebuild_index import index_from_sorted_keys
+    from dsl_kernels.backends.triton.rebuild_index import index_from_sorted_keys
 
     NB = cfg.D // cfg.B
     chunk = max(1, (1 << 26) // NB)
@@ -179,25 +179,26 @@ def bytes_model(op: str, cfg: Config, L: int, A: int, C: int, s_i: int = 8, s_v:
 
 def sparse_backends(include_reference: bool, include_det: bool) -> Dict[str, Dict[str, Callable]]:
     """``{name: {"lookup": fn, "lookup_backward": fn, "deterministic": bool}}`` runnable here."""
-    from dsl_kernels import dispatch, reference
+    from dsl_kernels import backends
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
-    if dispatch._why_not("triton", dev) is None:
-        import dsl_kernels.triton as tb
-
-        out["triton"] = dict(lookup=tb.lookup, lookup_backward=tb.lookup_backward, det=False)
+    if backends.why_not("triton", dev) is None:
+        tb = backends.get("triton")
+        out["triton"] = dict(lookup=tb["lookup"], lookup_backward=tb["lookup_backward"],
+                             det=False)
         if include_det:
-            out["triton_det"] = dict(lookup=tb.lookup, lookup_backward=tb.lookup_backward,
+            out["triton_det"] = dict(lookup=tb["lookup"], lookup_backward=tb["lookup_backward"],
                                      det=True)
-    if dev == "cuda" and dispatch._why_not("cuda", "cuda") is None:
-        impl = dispatch.get("cuda")
-        if getattr(impl, "lookup", None) and getattr(impl, "lookup_backward", None):
-            out["cuda"] = dict(lookup=impl.lookup, lookup_backward=impl.lookup_backward,
-                               det=False)
+    if dev == "cuda" and backends.has_impl("cuda", "lookup") and \
+            backends.has_impl("cuda", "lookup_backward"):
+        impl = backends.get("cuda")
+        out["cuda"] = dict(lookup=impl["lookup"], lookup_backward=impl["lookup_backward"],
+                           det=False)
     if include_reference:
-        out["reference"] = dict(lookup=reference.lookup,
-                                lookup_backward=reference.lookup_backward, det=False)
+        ref = backends.get("reference")
+        out["reference"] = dict(lookup=ref["lookup"],
+                                lookup_backward=ref["lookup_backward"], det=False)
     return out
 
 

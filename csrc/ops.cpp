@@ -1,13 +1,15 @@
 // Schemas of the compiled dsl ops (namespace dsl_C).
 //
-// The semantics and argument order are those of dsl_kernels/reference.py (the oracle); the
-// Python wrappers in dsl_kernels/_cpu_backend.py and _cuda_backend.py call these ops with the
-// reference signatures. Implementations are registered per dispatch key:
+// dsl_C is the namespace of the compiled kernels only; the op layer (schemas users and
+// torch.compile see, fake impls, autograd) is dsl:: in dsl_kernels/ops/<op>.py. The semantics
+// and argument order are those of the reference implementations
+// (dsl_kernels/backends/reference/<op>.py), so dsl_kernels/backends/{cpu,cuda}/<op>.py register
+// these ops as the backend's implementation as they are. Kernels are registered per dispatch key:
 //   CPU  -> csrc/cpu/*.cpp          (TORCH_LIBRARY_IMPL(dsl_C, CPU, m), built into dsl_kernels._C)
 //   CUDA -> csrc/cuda/binding.cpp   (TORCH_LIBRARY_IMPL(dsl_C, CUDA, m), built into _C_cuda)
 // Other files may add ops with TORCH_LIBRARY_FRAGMENT(dsl_C, m) (e.g. the fused optimizer).
 //
-// Conventions (see reference.py): offsets are CSR with num_bags + 1 entries and the dtype of
+// Conventions (see dsl_kernels/format.py): offsets are CSR with num_bags + 1 entries and the dtype of
 // indices (int32/int64); mode 0/1/2 = sum/mean/max; padding_idx -1 = none; row_ptr int32[N+1],
 // row_slots int32[C], row_mask int64[N, ceil(NB/64)].
 #include <torch/library.h>

@@ -6,7 +6,8 @@
 torch.Size([32, 64])
 """
 from . import ops  # noqa: F401  (registers the dsl:: ops)
-from .dispatch import backends, register_backend
+from . import backends  # callable: dsl_kernels.backends() reports what runs here
+from .backends import register_backend, register_impl
 from .modules import SparseEmbedding, SparseEmbeddingBag, SparseEmbeddingBagCollection, TableConfig
 from .pool import BlockSparseBase, LookupRecord, TableSpec
 from .checkpoint import CheckpointError, load, save
@@ -23,6 +24,7 @@ __all__ = [
     "LookupRecord",
     "backends",
     "register_backend",
+    "register_impl",
     "ops",
     "save",
     "load",

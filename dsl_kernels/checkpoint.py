@@ -285,13 +285,14 @@ def _check_coord(name: str, coord: Tensor, m: BlockSparseBase, budget: int) -> N
             raise CheckpointError(f"{name}.coord holds a block past the last column block of "
                                   f"table {t.name!r} (num_blocks={t.num_blocks})")
     # Index consistency: the derived CSR index rebuilt from this coord must describe it.
-    from . import reference
+    from .backends.reference.rebuild_index import rebuild_index
+    from .format import popcount64
 
-    row_ptr, row_slots, row_mask = reference.rebuild_index(coord, m.num_rows, m.num_blocks)
+    row_ptr, row_slots, row_mask = rebuild_index(coord, m.num_rows, m.num_blocks)
     n_act = act.numel()
     if int(row_ptr[-1]) != n_act or not bool((row_slots[n_act:] == -1).all()):
         raise CheckpointError(f"{name}: the row index rebuilt from coord is inconsistent")
-    if int(reference.popcount64(row_mask).sum()) != n_act:
+    if int(popcount64(row_mask).sum()) != n_act:
         raise CheckpointError(f"{name}: the row mask rebuilt from coord is inconsistent")
     slots = row_slots[:n_act].long()
     if n_act and not bool((torch.sort(act).values == coord[slots]).all()):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .pool import BlockSparseBase, TableSpec, budget_for
-from .reference import MODES
+from .format import MODES
 from .validation import check_config, normalize_bags
 
 Init = Optional[Callable[[Tensor], object]]

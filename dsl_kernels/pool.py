@@ -17,8 +17,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, ops
-from .reference import MODES
+from . import ops
+from .backends import resolve
+from .format import MODES
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class BlockSparseBase(nn.Module):
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def backend_for(self, device_type: Optional[str] = None) -> str:
-        return dispatch.resolve(self.backend, device_type or self.values.device.type)
+        return resolve(self.backend, device_type or self.values.device.type)
 
     # ------------------------------------------------------------------ mask / index
     @torch.no_grad()

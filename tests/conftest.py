@@ -11,15 +11,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import types  # noqa: E402
+
 import dsl_kernels  # noqa: E402
-from dsl_kernels import dispatch  # noqa: E402
+from dsl_kernels.backends import BACKEND_NAMES, get, why_not  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def available_backends(device: str):
     """Backends that can run on ``device`` here (reference always)."""
-    return [b for b in dispatch.BACKEND_NAMES if dispatch._why_not(b, device) is None]
+    return [b for b in BACKEND_NAMES if why_not(b, device) is None]
+
+
+def backend_ops(name: str, device: str = "cpu") -> types.SimpleNamespace:
+    """The ops backend ``name`` implements itself, as attributes (``be.lookup(...)``); fails
+    (never skips) when the backend does not load."""
+    reason = why_not(name, device)
+    assert reason is None, f"the {name} backend must load here: {reason}"
+    return types.SimpleNamespace(**get(name))
 
 
 def backend_device_params():

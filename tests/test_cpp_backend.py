@@ -3,7 +3,11 @@
 The conformance grid (``tests/test_conformance.py``) already runs on ``cpu`` once the extension
 is built; this file adds what the grid does not see: bit-exact equality with the reference in
 fp32 (same products, same order), determinism across runs and thread counts, grow_scores and
-rebuild_index, ``torch.library.opcheck`` of the ``dsl_C`` ops, and the C++-side argument checks.
+rebuild_index, ``torch.library.opcheck`` of the ``dsl`` ops on the cpu backend, and the C++-side
+argument checks.
+
+No skip: a missing or broken extension fails this file (and CI) instead of hiding behind the
+reference fallback.
 """
 from __future__ import annotations
 
@@ -12,16 +16,10 @@ import torch
 
 from dsl_kernels import SparseEmbeddingBag, dispatch, reference
 
-try:
-    from dsl_kernels import _cpu_backend
+from conftest import backend_ops
+from dsl_kernels import ops
 
-    BE = _cpu_backend.load()
-except ImportError as e:  # not built: say so instead of failing every test
-    BE = None
-    _WHY = str(e)
-
-pytestmark = pytest.mark.skipif(BE is None, reason="dsl_kernels._C not built"
-                                if BE is not None else f"dsl_kernels._C not built: {_WHY}")
+BE = backend_ops("cpu")
 
 MODES = (reference.MODE_SUM, reference.MODE_MEAN, reference.MODE_MAX)
 
@@ -168,20 +166,21 @@ def test_rebuild_index_empty_and_all_free():
 # --------------------------------------------------------------------------------- opcheck
 
 
-def test_opcheck_dsl_C_ops():
+def test_opcheck_dsl_ops_on_cpu_backend():
+    """The dsl:: ops (schema, fake, autograd) with the C++ kernels behind them."""
     values, coord, (rp, rs, rm), idx, off, w = case(9, N=30, num_bags=6, psw=True)
     for mode in MODES:
         ww = w if mode == reference.MODE_SUM else None
-        torch.library.opcheck(torch.ops.dsl_C.lookup.default,
-                              (values, rp, rs, rm, idx, off, ww, 5, mode, -1))
+        torch.library.opcheck(ops.lookup, (values, rp, rs, rm, idx, off, ww, None, 5, mode, -1,
+                                           True, "cpu"))
         out, mi = BE.lookup(values, rp, rs, rm, idx, off, ww, 5, mode, -1)
         g = torch.randn(out.shape)
-        torch.library.opcheck(torch.ops.dsl_C.lookup_backward.default,
-                              (g, values, rp, rs, rm, idx, off, ww, mi, None, 5, mode, -1, True))
-        torch.library.opcheck(torch.ops.dsl_C.grow_scores.default,
-                              (g, rp, rs, rm, idx, off, ww, mi, 5, mode, -1),
+        torch.library.opcheck(ops.lookup_backward, (g, values, rp, rs, rm, idx, off, ww, mi,
+                                                    None, 5, mode, -1, True, "cpu"))
+        torch.library.opcheck(ops.grow_scores, (g, rp, rs, rm, idx, off, ww, mi, 5, mode, -1,
+                                                "cpu"),
                               test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.dsl_C.rebuild_index.default, (coord, 30, 5))
+    torch.library.opcheck(ops.rebuild_index, (coord, 30, 5, "cpu"))
 
 
 # ------------------------------------------------------------------------ C++-side checks

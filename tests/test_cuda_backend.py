@@ -17,12 +17,13 @@ from test_cpp_backend import MODES, case
 HAS_GPU = torch.cuda.is_available()
 BE, WHY = None, "no CUDA device"
 if HAS_GPU:
-    try:
-        from dsl_kernels import _cuda_backend
+    from dsl_kernels.backends import get, why_not
 
-        BE = _cuda_backend.load()
-    except ImportError as e:
-        WHY = f"dsl_kernels._C_cuda not loadable: {e}"
+    WHY = why_not("cuda", "cuda")
+    if WHY is None:
+        import types
+
+        BE = types.SimpleNamespace(**get("cuda"))
 
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 needs_ext = pytest.mark.skipif(BE is None, reason=WHY)

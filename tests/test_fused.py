@@ -373,7 +373,7 @@ def test_opcheck_reference():
 @pytest.mark.parametrize("mode", [0, 2])
 def test_triton_hot_row_split(monkeypatch, mode):
     """Hot rows go through the two-level (chunk partial sums) path: same result."""
-    from dsl_kernels.triton import fused_update as tfu
+    from dsl_kernels.backends.triton import fused_update as tfu
 
     monkeypatch.setattr(tfu, "CHUNK", 2)
     emb, c = _op_case(mode, False, False, torch.int64, torch.float32)
@@ -437,14 +437,13 @@ def test_cuda_module_matches_sparse_adam(backend):
     torch.testing.assert_close(emb.to_dense(), dense.weight.detach(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not fused._has_cxx_op("dsl_C::fused_plan", "CPU") and
-                    "cpu" not in BACKENDS, reason="C++ extension not built")
 @pytest.mark.parametrize("num_rows", [20, 10_000])  # counting sort / pair-sort fallback
 @pytest.mark.parametrize("mode,psw", [(0, True), (1, False), (2, False)])
 def test_cpu_plan_matches_torch_plan(num_rows, mode, psw):
-    dsl_kernels.dispatch.get("cpu")  # loads the extension
-    if not fused._has_cxx_op("dsl_C::fused_plan", "CPU"):
-        pytest.skip("this build has no dsl_C::fused_plan")
+    from dsl_kernels.backends.cpu.fused_update import has_compiled_op
+
+    assert dsl_kernels.backends.why_not("cpu", "cpu") is None  # loads the extension
+    assert has_compiled_op("dsl_C::fused_plan", "CPU")
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 20, (50,), generator=g) * (num_rows // 20)
     off = torch.tensor([0, 4, 4, 17, 30, 45])  # entries past 45 dropped

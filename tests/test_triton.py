@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conformance import check_case, full_grid
-from conftest import DEVICES
+from conftest import DEVICES, backend_ops
 
 triton = pytest.importorskip("triton")
 
@@ -22,8 +22,9 @@ if not TRITON_DEVICES:
     pytest.skip("Triton backend unavailable here (needs a GPU or TRITON_INTERPRET=1)",
                 allow_module_level=True)
 
-import dsl_kernels.triton as tb  # noqa: E402
-from dsl_kernels.triton import _segments  # noqa: E402
+from dsl_kernels.backends.triton import _segments  # noqa: E402
+
+tb = backend_ops("triton", TRITON_DEVICES[0])
 
 CASES = list(full_grid())
 
@@ -301,11 +302,11 @@ import importlib, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from dsl_kernels.triton._config import tile_config
-L = importlib.import_module("dsl_kernels.triton.lookup")
-BW = importlib.import_module("dsl_kernels.triton.lookup_backward")
-S = importlib.import_module("dsl_kernels.triton._segments")
-R = importlib.import_module("dsl_kernels.triton.rebuild_index")
+from dsl_kernels.backends.triton._config import tile_config
+L = importlib.import_module("dsl_kernels.backends.triton.lookup")
+BW = importlib.import_module("dsl_kernels.backends.triton.lookup_backward")
+S = importlib.import_module("dsl_kernels.backends.triton._segments")
+R = importlib.import_module("dsl_kernels.backends.triton.rebuild_index")
 
 def build(fn, types, consts, num_warps=4):
     names = fn.arg_names

@@ -1,6 +1,6 @@
 // CUDA fused backward + optimizer over the slot pool (dsl_C::fused_update_rows).
 //
-// Work list (built on the device by torch ops, see dsl_kernels/fused.py): the batch's entries
+// Work list (built on the device by torch ops, see dsl_kernels/backends/touched_rows.py): the batch's entries
 // grouped by row. One warp per unique row:
 //   1. finds the row's active, non-frozen blocks (one lane per block column: mask bit, rank by
 //      __popcll, slot) and compacts them into shared memory with a warp ballot;
@@ -55,7 +55,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
 
 __device__ __forceinline__ bool finite(float x) { return isfinite(x); }
 
-// One element of the update (see dsl_kernels/fused.py::apply_rows for the formulas).
+// One element of the update (see dsl_kernels/backends/reference/fused_update.py::apply_rows for the formulas).
 // g already includes the L2 weight decay; rowsq is the block's mean of g^2 (row-wise Adagrad).
 __device__ __forceinline__ void update_elem(const FusedArgs& a, float g, float p, float s1,
                                             float s2, float rowmean, float& np, float& n1,

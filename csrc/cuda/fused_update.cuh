@@ -29,7 +29,7 @@ struct FusedArgs {
   const int64_t* bag;      // [L]
   const float* scale;      // [L] (sum/mean) or null (max)
   const int64_t* max_idx;  // [num_bags, D] (max) or null
-  // Work split (see dsl_kernels/fused.py::split_heavy_runs).
+  // Work split (see dsl_kernels/backends/touched_rows.py::split_heavy_runs).
   const int64_t* light;  // run ids handled directly
   int64_t num_light;
   const int64_t* heavy;  // run ids summed from chunk partials

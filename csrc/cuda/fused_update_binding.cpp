@@ -3,7 +3,7 @@
 // The schema is defined with the CPU kernel (csrc/cpu/fused_update.cpp, built into
 // dsl_kernels._C, which the CUDA extension's loader imports first). This file checks the
 // arguments, splits the Zipf-hot rows off into chunks (the device-side mirror of
-// dsl_kernels/fused.py::split_heavy_runs) and calls the raw-pointer launcher.
+// dsl_kernels/backends/touched_rows.py::split_heavy_runs) and calls the raw-pointer launcher.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

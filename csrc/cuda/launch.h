@@ -20,7 +20,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kModeSum = 0, kModeMean = 1, kModeMax = 2;
 
-// Read-only CSR row index of the slot pool (see dsl_kernels/reference.py).
+// Read-only CSR row index of the slot pool (see dsl_kernels/format.py).
 struct PoolIndex {
   const int32_t* row_ptr;    // [num_rows + 1]
   const int32_t* row_slots;  // [num_slots]

@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...format import MODE_MAX, MODE_MEAN
 from ._bits import resolve_slot
 
-MODE_MEAN, MODE_MAX = 1, 2
 # Entries per item (a hot row is split into items of this size). Read at call time, so tests can
 # shrink it to exercise the merge path.
 SEGMENT_CHUNK = 256

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..registry import register_impl
+
 _BLOCK = 1024
 
 
@@ -29,6 +31,7 @@ def _mask_kernel(keys_ptr, row_mask_ptr, C, total, NB: tl.constexpr, W: tl.const
                  sem="relaxed")
 
 
+@register_impl("triton", "rebuild_index")
 def rebuild_index(coord: Tensor, num_rows: int, num_blocks: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``(row_ptr int32[N+1], row_slots int32[C], row_mask int64[N, W])`` from ``coord``; same
     contract as :func:`dsl_kernels.reference.rebuild_index`.

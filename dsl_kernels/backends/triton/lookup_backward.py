@@ -22,13 +22,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...format import MODE_MAX, MODE_MEAN, MODE_SUM
+from ..registry import register_impl
+
 from ._bits import bag_tile, resolve_slot
 from ._common import check_bags, check_values, contiguous, mask_words
 from ._config import tile_config
 from . import _segments
 from ._segments import build_segments, segment_reduce
 
-MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
 
 
 # Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
@@ -86,6 +88,7 @@ def _backward_atomic_kernel(grad_out_ptr, row_ptr_ptr, row_slots_ptr, row_mask_p
         tl.atomic_add(grad_ptr + slot * B + c3, contrib, mask=m, sem="relaxed")
 
 
+@register_impl("triton", "lookup_backward")
 def lookup_backward(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor,
                     row_mask: Tensor, indices: Tensor, offsets: Tensor,
                     per_sample_weights: Optional[Tensor], max_idx: Tensor,

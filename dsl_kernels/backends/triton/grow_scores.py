@@ -15,12 +15,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..registry import register_impl
+
 from ._common import check_bags, contiguous, mask_words
 from ._config import tile_config
 from . import _segments
 from ._segments import build_segments, segment_reduce
 
 
+@register_impl("triton", "grow_scores")
 def grow_scores(grad_out: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
                 indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
                 max_idx: Tensor, num_blocks: int, mode: int, padding_idx: int

@@ -1,7 +1,8 @@
 """Triton ``fused_update``: lookup backward fused with the optimizer step (see
-:mod:`dsl_kernels.fused` for the semantics; the formulas are those of ``fused.apply_rows``).
+:mod:`dsl_kernels.fused` for the semantics; the formulas are those of
+``backends/reference/fused_update.py``).
 
-Work list: the touched-rows plan (entries grouped by row, :func:`fused.touched_rows_plan`).
+Work list: the touched-rows plan (entries grouped by row, ``backends/touched_rows.py``).
 One program per unique row walks the row's active blocks as a ``[NB, B]`` tile, sums the
 gradient of its entries ``T`` at a time (a ``[T, NB, B]`` gather of ``grad_out`` reduced over
 the entries: fixed order, so deterministic) and applies the update in registers; nothing of
@@ -12,9 +13,8 @@ would be the whole step's tail. Runs longer than ``CHUNK`` entries are therefore
 kernel sums each chunk of ``CHUNK`` entries into a small fp32 buffer (``[chunks, NB, B]``, only
 for the hot rows), and the hot row's program then sums its chunks in order and updates.
 
-Used through ``dsl_kernels.fused.fused_update(..., backend="triton")`` (or a module with
-``backend="triton"`` and :func:`dsl_kernels.fused.fuse_optimizer`); the function here has the
-reference signature of ``fused_update`` without the trailing backend.
+Used through ``dsl_kernels.ops.fused_update(..., backend="triton")`` (or a module with
+``backend="triton"`` and :func:`dsl_kernels.fused.fuse_optimizer`).
 """
 from __future__ import annotations
 
@@ -25,31 +25,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._bits import popcount64  # shared SWAR popcount
+from ...format import MODE_MAX, NAN_IGNORE
+from ..reference.fused_update import adam_step_size
+from ..registry import register_impl
+from ..touched_rows import split_heavy_runs, touched_rows_plan
+from ._bits import resolve_slot
 
 
 CHUNK = 1024  # entries per partial sum of a hot row
 ENTRY_TILE = 16  # entries gathered per loop iteration
-
-
-@triton.jit
-def _row_slots(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, j, jvalid, W: tl.constexpr):
-    """Slot (int64) of block ``(row, j)`` for a scalar ``row`` and a ``[NB_P, 1]`` tile of block
-    columns ``j``, and whether the block is active. Inactive lanes read no slot."""
-    j = j.to(tl.int64)
-    b = j & 63
-    rowv = row + j * 0  # broadcast the row to the tile: every load below is a block load
-    base = rowv * W
-    word = tl.load(row_mask_ptr + base + (j >> 6), mask=jvalid, other=0)
-    active = jvalid & (((word >> b) & 1) != 0)
-    one = tl.full(b.shape, 1, tl.int64)
-    rank = popcount64(word & ((one << b) - 1))  # (1 << 63) - 1 wraps to INT64_MAX: fine
-    for k in tl.static_range(W - 1):  # active blocks in the words before j's word
-        wk = tl.load(row_mask_ptr + base + k, mask=jvalid, other=0)
-        rank += tl.where(k < (j >> 6), popcount64(wk), 0)
-    start = tl.load(row_ptr_ptr + rowv, mask=jvalid, other=0).to(tl.int64)
-    slot = tl.load(row_slots_ptr + start + rank, mask=active, other=0).to(tl.int64)
-    return slot, active
 
 
 @triton.jit
@@ -112,7 +96,10 @@ def _update_kernel(grad_out_ptr, values_ptr, state1_ptr, state2_ptr, row_ptr_ptr
     k = tl.arange(0, B_P)[None, :]
     jvalid = j < NB
     kvalid = k < B
-    slot, active = _row_slots(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, j, jvalid, W)
+    rowv = row + j.to(tl.int64) * 0  # the row as a tile: every load is a block load
+    slot, active = resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, rowv, rowv >= 0, j,
+                                jvalid, W)
+    slot = slot.to(tl.int64)
     if HAS_FROZEN:
         fz = tl.load(frozen_ptr + slot, mask=active, other=0)
         active = active & (fz == 0)
@@ -178,15 +165,14 @@ def _update_kernel(grad_out_ptr, values_ptr, state1_ptr, state2_ptr, row_ptr_ptr
         tl.store(state2_ptr + voff, n2, mask=w2)
 
 
+@register_impl("triton", "fused_update")
 def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor,
                  row_mask: Tensor, indices: Tensor, offsets: Tensor,
                  per_sample_weights: Optional[Tensor], max_idx: Tensor, frozen: Optional[Tensor],
                  state1: Tensor, state2: Tensor, num_blocks: int, mode: int, padding_idx: int,
                  optimizer: int, lr: float, beta1: float, beta2: float, eps: float,
                  weight_decay: float, step: int, nan_policy: int) -> Tensor:
-    """Triton backend of ``dsl::fused_update`` (reference signature; see dsl_kernels.fused)."""
-    from .. import fused
-
+    """Triton backend of ``dsl::fused_update`` (see :mod:`dsl_kernels.fused`)."""
     C, B = values.shape
     D = num_blocks * B
     if grad_out.shape[1] != D:
@@ -195,7 +181,7 @@ def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: T
         raise ValueError("values must be contiguous")
     dev = values.device
     skipped = torch.zeros(1, dtype=torch.int64, device=dev)
-    perm, run_start, run_rows, bag, scale = fused.touched_rows_plan(
+    perm, run_start, run_rows, bag, scale = touched_rows_plan(
         indices, offsets, per_sample_weights, mode, padding_idx, row_mask.shape[0])
     R = run_rows.numel()
     if R == 0:
@@ -204,18 +190,18 @@ def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: T
     row_mask = row_mask.contiguous()
     W = row_mask.shape[1]
     NB_P, B_P = triton.next_power_of_2(num_blocks), triton.next_power_of_2(B)
-    is_max = mode == fused.MODE_MAX
+    is_max = mode == MODE_MAX
     mx = max_idx.contiguous() if is_max else skipped
     sc = scale if not is_max else skipped.float()
     s1 = state1 if state1.numel() else skipped.float()
     s2 = state2 if state2.numel() else skipped.float()
     fz = frozen.contiguous().view(torch.uint8) if frozen is not None else skipped
-    light, heavy, chunk_lo, chunk_hi, chunk_ptr = fused.split_heavy_runs(run_start, CHUNK)
+    light, heavy, chunk_lo, chunk_hi, chunk_ptr = split_heavy_runs(run_start, CHUNK)
     nw = 4 if NB_P * B_P >= 256 else 1
     common = dict(D=D, B=B, NB=num_blocks, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay,
-                  step_size=fused.adam_step_size(lr, beta1, beta2, step), W=W, MODE_MAX=is_max,
-                  OPT=optimizer, NAN_CHECK=nan_policy != fused.NAN_IGNORE,
+                  step_size=adam_step_size(lr, beta1, beta2, step), W=W, MODE_MAX=is_max,
+                  OPT=optimizer, NAN_CHECK=nan_policy != NAN_IGNORE,
                   HAS_FROZEN=frozen is not None, NB_P=NB_P, B_P=B_P, T=ENTRY_TILE, num_warps=nw)
     args = (grad_out, values, s1, s2, row_ptr, row_slots, row_mask, perm, run_start, run_rows)
     if light.numel():

@@ -16,11 +16,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...format import MODE_MAX, MODE_MEAN, MODE_SUM
+from ..registry import register_impl
+
 from ._bits import bag_tile, resolve_slot
 from ._common import check_bags, check_values, contiguous, mask_words
 from ._config import tile_config
 
-MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
 
 
 # Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
@@ -81,6 +83,7 @@ def _lookup_kernel(values_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices
     tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=smask)
 
 
+@register_impl("triton", "lookup")
 def lookup(values: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
            indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
            num_blocks: int, mode: int, padding_idx: int) -> Tuple[Tensor, Tensor]:

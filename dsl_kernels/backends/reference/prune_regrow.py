@@ -1,0 +1,123 @@
+"""``dsl::prune_regrow_`` in pure PyTorch (see :mod:`dsl_kernels.ops.prune_regrow` for the op):
+the oracle, and the implementation every backend uses until it has a kernel of its own.
+
+Memory: the temporaries are one fp32 ``[C]`` (magnitudes, computed in chunks so fp16/bf16 pools
+are never upcast whole), one bool ``[C]``, one bool per candidate and chunk-sized int64 arrays
+(the candidates' activeness test), plus ``k``-sized results — about 4 % of the steady state of an
+Adam-trained pool; nothing of size ``N * NB`` or ``N * D``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...format import is_active
+from ..registry import register_impl
+
+_CHUNK = 1 << 16  # slots per magnitude chunk: bounds the upcast temporary of fp16/bf16 pools
+_KEY_CHUNK = 1 << 14  # candidate keys per activeness-test chunk
+
+
+def block_magnitudes(values: Tensor, slots: Optional[Tensor] = None) -> Tensor:
+    """fp32 L2 norm of every slot (or of ``slots``), ``-inf`` where the block is not finite."""
+    src_n = values.shape[0] if slots is None else slots.numel()
+    mag = torch.empty(src_n, dtype=torch.float32, device=values.device)
+    for a in range(0, src_n, _CHUNK):
+        b = min(src_n, a + _CHUNK)
+        chunk = values[a:b] if slots is None else values[slots[a:b]]
+        mag[a:b] = torch.linalg.vector_norm(chunk.float(), dim=1)
+    # NaN/Inf -> -inf in place (a norm is never -inf, so nothing else is touched).
+    return mag.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
+
+
+def smallest_k(mag: Tensor, k: int, largest: bool = False) -> Tensor:
+    """Positions (int64, ascending) of the ``k`` smallest (``largest=True``: largest) entries of
+    the 1-D ``mag`` (no NaN), ties to the lower position. ``kthvalue`` + one bool mask +
+    ``nonzero``: no full sort, no copy of ``mag`` in Python."""
+    n = mag.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=mag.device)
+    if k >= n:
+        return torch.arange(n, device=mag.device)
+    v = torch.kthvalue(mag, n - k + 1 if largest else k).values
+    # One bool temporary; with ties at v (e.g. several all-zero blocks just grown), the tied
+    # positions past the k-th are dropped from the (small) selected set, not from a full mask.
+    pos = torch.nonzero(mag >= v if largest else mag <= v).squeeze(1)  # ascending
+    extra = pos.numel() - k
+    if extra > 0:
+        ties = torch.nonzero(mag[pos] == v).squeeze(1)
+        keep = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
+        keep[ties[ties.numel() - extra:]] = False
+        pos = pos[keep]
+    return pos
+
+
+def is_active_chunked(row_mask: Tensor, keys: Tensor, num_blocks: int,
+                      chunk: int = _KEY_CHUNK) -> Tensor:
+    """:func:`is_active` in chunks: one bool per key plus chunk-sized int64 temporaries,
+    however many candidates a window collected."""
+    out = torch.empty(keys.numel(), dtype=torch.bool, device=keys.device)
+    for a in range(0, keys.numel(), chunk):
+        out[a:a + chunk] = is_active(row_mask, keys[a:a + chunk], num_blocks)
+    return out
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+@register_impl("reference", "prune_regrow_")
+@torch.no_grad()
+def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys: Tensor,
+                           cand_scores: Tensor, k: int, num_blocks: int,
+                           prune_slots: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Pure-torch oracle of ``dsl::prune_regrow_`` (see the module docstring); mutates
+    ``values`` and ``coord``; returns ``(slots int64[k'], pruned_keys int64[k'])``."""
+    dev = coord.device
+    # Candidates first, magnitudes after, and temporaries dropped as soon as they are used: the
+    # peak stays near max(candidate-sized, [C]) instead of their sum.
+    # 1. growable candidates: finite score, inactive now, merged by key (max score).
+    ck = cand_keys.long().reshape(-1)
+    cs = cand_scores.float().reshape(-1)
+    ok = torch.isfinite(cs)
+    ok &= ~is_active_chunked(row_mask, ck, num_blocks)
+    if not bool(ok.all()):  # the accumulator's candidates usually all pass: no copy then
+        ck, cs = ck[ok], cs[ok]
+    del ok
+    if ck.numel() > 1 and not bool((ck[1:] > ck[:-1]).all()):
+        # Merge duplicates (max score) and sort; skipped for the accumulator's output, which is
+        # already unique and ascending.
+        uk, inv = torch.unique(ck, sorted=True, return_inverse=True)
+        del ck
+        us = torch.full((uk.numel(),), float("-inf"), device=dev)
+        us.scatter_reduce_(0, inv, cs, "amax", include_self=True)
+        del inv, cs
+    else:
+        uk, us = ck, cs
+    # 2. prunable blocks.
+    if prune_slots is None:
+        n_prunable = int((coord >= 0).sum())
+    else:
+        ps = prune_slots.long()
+        n_prunable = ps.numel() - int((coord[ps] < 0).sum())
+    k = max(0, min(int(k), n_prunable, uk.numel()))
+    # k largest scores, ties to the lower key; positions ascending = keys ascending. Selection,
+    # not a sort: O(#candidates).
+    grown = uk[smallest_k(us, k, largest=True)]
+    del uk, us
+    # 3. the k weakest active blocks ([C] fp32 magnitudes; free slots never chosen).
+    if prune_slots is None:
+        mag = block_magnitudes(values)
+        mag.masked_fill_(coord < 0, float("inf"))
+    else:
+        mag = block_magnitudes(values, ps)
+        mag.masked_fill_(coord[ps] < 0, float("inf"))
+    pos = smallest_k(mag, k)
+    del mag
+    # 4. hand the freed slots over.
+    slots = pos if prune_slots is None else torch.sort(ps[pos]).values
+    pruned = coord[slots].clone()
+    coord[slots] = grown
+    values[slots] = 0
+    return slots, pruned
