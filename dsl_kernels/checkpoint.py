@@ -314,8 +314,8 @@ def _verify_model(payload: Dict[str, Any], model: nn.Module, resize_pools: bool 
         if resize_pools and isinstance(want, int) and want > 0 and want != m.budget:
             resize[name] = want
             prefix = name + "." if name else ""
-            expect[prefix + "values"] = (want, m.block_size)
-            expect[prefix + "coord"] = (want,)
+            for key, shape in m.slot_state_shapes(want).items():
+                expect[prefix + key] = shape
     for name, m in pools.items():
         want, have = metas[name], _pool_meta(m)
         if name in resize:
@@ -446,7 +446,7 @@ def load(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     pools = _pools(model)
 
     # Back up what the commit overwrites, so a failure half-way can be rolled back.
-    backup_pools = {n: (pools[n].values.data, pools[n].coord, pools[n].frozen) for n in resize}
+    backup_pools = {n: pools[n].pool_tensors() for n in resize}
     backup_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backup_opt = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
     backup_sched = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
@@ -455,7 +455,7 @@ def load(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     backup_rng = _rng_state() if restore_rng else None
     try:
         for n, budget in resize.items():
-            _resize_pool(pools[n], budget)
+            pools[n].resize_pool_(budget)
         model.load_state_dict(payload["model"], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(payload["optimizer"])
@@ -464,8 +464,8 @@ def load(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
         if restore_rng:
             _set_rng_state(payload.get("rng", {}))
     except Exception as e:
-        for n, (data, coord, frozen) in backup_pools.items():
-            pools[n].values.data, pools[n].coord, pools[n].frozen = data, coord, frozen
+        for n, saved_pool in backup_pools.items():
+            pools[n].restore_pool_tensors(saved_pool)
         model.load_state_dict(backup_model, strict=True)
         if backup_opt is not None:
             optimizer.load_state_dict(backup_opt)
@@ -482,13 +482,3 @@ def load(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
         raise CheckpointError(f"loading {os.fspath(path)!r} failed and was rolled back: "
                               f"{type(e).__name__}: {e}") from e
     return payload.get("extra", {})
-
-
-@torch.no_grad()
-def _resize_pool(m: BlockSparseBase, budget: int) -> None:
-    """An empty pool of ``budget`` slots, keeping the Parameter object (the load fills it)."""
-    p = m.values
-    p.data = p.data.new_zeros((budget, p.shape[1]))
-    p.grad = None
-    m.coord = torch.full((budget,), -1, dtype=torch.int64, device=p.device)
-    m.frozen = None

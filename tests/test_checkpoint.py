@@ -19,6 +19,7 @@ from torch import nn
 import dsl_kernels
 from dsl_kernels import CheckpointError, SparseEmbeddingBag, SparseEmbeddingBagCollection, TableConfig
 from dsl_kernels import checkpoint as ck
+from dsl_kernels.fused import fuse_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,10 +48,16 @@ class Model(nn.Module):
         return self.head(self.emb(idx.to(dev), off.to(dev))).squeeze(1)
 
 
-def make(backend="reference", sched="steplr", seed=0, **kw):
+def make(backend="reference", sched="steplr", seed=0, fused=False, **kw):
+    """Model, optimizer, scheduler. ``fused``: the pool trains with the fused Adam (its state
+    lives in the module), the torch optimizer trains the head only."""
     torch.manual_seed(seed)
     model = Model(backend, **kw)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    if fused:
+        fuse_optimizer(model.emb, "adam", lr=0.05)
+        opt = torch.optim.Adam(model.head.parameters(), lr=0.05)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
     if sched == "steplr":
         s = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
     elif sched == "dsl":
@@ -404,11 +411,6 @@ def test_resume_is_bit_exact(tmp_path, backend, device):
 
 
 def test_resume_with_sparsity_scheduler_is_bit_exact(tmp_path):
-    pytest.importorskip("dsl_kernels.sparsity")
-    try:
-        make(sched="dsl")
-    except (ImportError, TypeError) as e:
-        pytest.skip(f"DSLScheduler not available with this API: {e}")
     torch.manual_seed(5); random.seed(5); np.random.seed(5)
     ref_m, ref_o, ref_s = make(sched="dsl")
     c0 = ref_m.emb.coord.clone()
@@ -427,11 +429,6 @@ def test_resume_with_sparsity_scheduler_is_bit_exact(tmp_path):
 
 @pytest.mark.parametrize("sched", ["steplr", "dsl"])
 def test_resume_in_fresh_process_is_bit_exact(tmp_path, sched):
-    if sched == "dsl":
-        try:
-            make(sched="dsl")
-        except (ImportError, TypeError) as e:
-            pytest.skip(f"DSLScheduler not available with this API: {e}")
     k = 4
     torch.manual_seed(21); random.seed(21); np.random.seed(21)
     ref_m, ref_o, ref_s = make(sched=sched)
@@ -467,27 +464,26 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "resume":
     _resume_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
 
 
-def test_resume_dense_to_sparse_after_compaction_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adam", "fused-adam"])
+def test_resume_dense_to_sparse_after_compaction_is_bit_exact(tmp_path, fused):
     """The pool shrank before the save; a fresh dense model + scheduler resumes bit-exactly
-    (load resizes the pool because the scheduler is dense-to-sparse)."""
-    pytest.importorskip("dsl_kernels.sparsity")
-    try:
-        make(sched="d2s", density=1.0)
-    except (ImportError, TypeError, ValueError) as e:
-        pytest.skip(f"dense_to_sparse DSLScheduler not available with this API: {e}")
+    (load resizes the pool because the scheduler is dense-to-sparse), with the optimizer state
+    in a torch optimizer or in the module (fused: fused_state1/2 must be resized too)."""
     torch.manual_seed(6); random.seed(6); np.random.seed(6)
-    ref_m, ref_o, ref_s = make(sched="d2s", density=1.0)
+    ref_m, ref_o, ref_s = make(sched="d2s", density=1.0, fused=fused)
     full = ref_m.emb.budget
     ref_losses = train(ref_m, ref_o, ref_s, 12)
     torch.manual_seed(6); random.seed(6); np.random.seed(6)
-    m, o, s = make(sched="d2s", density=1.0)
+    m, o, s = make(sched="d2s", density=1.0, fused=fused)
     losses = train(m, o, s, 7)
     assert m.emb.budget < full  # compacted before the save
     dsl_kernels.save(tmp_path / "c.dsl", m, o, s)
-    m, o, s = make(sched="d2s", density=1.0, seed=9)
+    m, o, s = make(sched="d2s", density=1.0, seed=9, fused=fused)
     p = m.emb.values
     dsl_kernels.load(tmp_path / "c.dsl", m, o, s)
     assert m.emb.values is p and m.emb.budget < full
+    if fused:
+        assert m.emb.fused_state1.shape == m.emb.values.shape
     losses += train(m, o, s, 5)
     assert losses == ref_losses
     assert_same(snapshot(ref_m, ref_o), snapshot(m, o))
@@ -495,7 +491,7 @@ def test_resume_dense_to_sparse_after_compaction_is_bit_exact(tmp_path):
 
 def test_resume_with_fused_optimizer_is_bit_exact(tmp_path):
     """The fused optimizer keeps its state in module buffers: the model checkpoint carries it."""
-    fused = pytest.importorskip("dsl_kernels.fused")
+    from dsl_kernels import fused
 
     def build(seed):
         torch.manual_seed(seed)

@@ -82,8 +82,13 @@ class FusedOptimizer:
             s1 = torch.empty(0, dtype=torch.float32, device=dev)
         s2 = (torch.zeros((C, B), dtype=torch.float32, device=dev) if self.code in (ADAM, ADAMW)
               else torch.empty(0, dtype=torch.float32, device=dev))
-        module.register_buffer("fused_state1", s1)
-        module.register_buffer("fused_state2", s2)
+        # Per-slot state follows the pool's slots (compaction, checkpoint resize); an empty
+        # placeholder (SGD has no state) is a plain buffer.
+        for name, t in (("fused_state1", s1), ("fused_state2", s2)):
+            if t.numel():
+                module.register_slot_buffer(name, t)
+            else:
+                module.register_buffer(name, t)
         module.register_buffer("fused_step", torch.zeros((), dtype=torch.int64, device=dev))
         self._module_ref = weakref.ref(module)
         module.fused_optimizer = self
@@ -120,7 +125,7 @@ class FusedOptimizer:
             for k in [k for k, f in hooks.items() if getattr(f, "__self__", None) is self]:
                 del hooks[k]
         for name in ("fused_state1", "fused_state2", "fused_step"):
-            module._buffers.pop(name, None)
+            module.unregister_slot_buffer(name)
         module.fused_optimizer = None
         module._fused_lookup = None
         self._module_ref = None

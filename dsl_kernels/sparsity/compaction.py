@@ -2,7 +2,8 @@
 
 The kept slots are gathered into a new, smaller ``values`` tensor that replaces ``param.data``
 (the Parameter object stays, so the optimizer keeps referring to it), and every optimizer state
-tensor with one row per slot, the gradient, ``coord`` and ``frozen`` are shrunk the same way.
+tensor with one row per slot, the gradient, ``coord``, ``frozen`` and the pool's slot buffers
+(a fused optimizer's state) are shrunk the same way (:meth:`BlockSparseBase.compact_slots_`).
 The old tensors are released when the last reference goes, so memory falls with the budget.
 """
 from __future__ import annotations
@@ -16,28 +17,10 @@ from ..pool import BlockSparseBase
 from .prune_regrow import block_magnitudes, row_state_tensors, smallest_k
 
 
-# Per-slot buffers of dsl_kernels.fused.FusedOptimizer (shrunk / resized with the pool).
-_FUSED_STATE = ("fused_state1", "fused_state2")
-
-
 def rebuild_index_lean(module: BlockSparseBase) -> None:
-    """``module.rebuild_index()`` after dropping the old index first, so the old and the new
-    index (``row_ptr`` N+1, ``row_mask`` N*W words, ``row_slots`` C) never coexist: at 1M rows
-    that overlap alone was +13 % of the steady-state memory of an update. (The old index is
-    stale once ``coord`` changed; nothing reads it in between.)"""
-    module.row_ptr = module.row_slots = module.row_mask = None
-    module.rebuild_index()
-
-
-def _replace_data(p: torch.nn.Parameter, new: Tensor) -> None:
-    """``p.data = new`` with a different shape. Autograd caches the leaf's gradient accumulator
-    (with the old shape) while any graph that used ``p`` is alive — e.g. the previous ``loss``
-    still referenced by the training loop — and only drops it when ``.data`` changes dtype or
-    device. Passing through another dtype forces that reset, so the next backward accumulates
-    into the new shape instead of failing with "invalid gradient ... expected shape"."""
-    other = torch.float64 if p.dtype != torch.float64 else torch.float32
-    p.data = torch.empty(0, dtype=other, device=p.device)
-    p.data = new
+    """``module.rebuild_index(drop_old=True)``: the old index is released before the new one is
+    built, so the two never coexist."""
+    module.rebuild_index(drop_old=True)
 
 
 @torch.no_grad()
@@ -54,39 +37,21 @@ def compact_(module: BlockSparseBase, keep: Tensor,
     (True, 10, 10)
     """
     p = module.values
-    C = p.shape[0]
     keep = keep.to(device=p.device, dtype=torch.int64)
     for opt in optimizers:
         st = opt.state.get(p)
         if st:
             for k, v in row_state_tensors(opt, p).items():
                 st[k] = v[keep]
-    _replace_data(p, p.data[keep])
-    if p.grad is not None:
-        p.grad = p.grad[keep] if p.grad.shape[0] == C else None
-    module.coord = module.coord[keep]
-    if module.frozen is not None:
-        module.frozen = module.frozen[keep]
-    for name in _FUSED_STATE:  # a fused optimizer keeps its per-slot state in module buffers
-        buf = module._buffers.get(name)
-        if buf is not None and buf.dim() >= 1 and buf.shape[0] == C:
-            module._buffers[name] = buf[keep]
+    module.compact_slots_(keep)  # values, grad, coord, frozen and slot buffers (fused state)
     rebuild_index_lean(module)
 
 
 def resize_pool_(module: BlockSparseBase, budget: int) -> None:
     """Give ``module`` an empty pool of ``budget`` slots (all free), keeping the Parameter
-    object: used before loading a checkpoint written after compaction."""
-    p = module.values
-    _replace_data(p, p.data.new_zeros((budget, p.shape[1])))
-    p.grad = None
-    module.coord = torch.full((budget,), -1, dtype=torch.int64, device=p.device)
-    module.frozen = None
-    for name in _FUSED_STATE:
-        buf = module._buffers.get(name)
-        if buf is not None and buf.dim() >= 1 and buf.numel():
-            module._buffers[name] = buf.new_zeros((budget,) + tuple(buf.shape[1:]))
-    rebuild_index_lean(module)
+    object: used before loading a checkpoint written after compaction
+    (:meth:`BlockSparseBase.resize_pool_`)."""
+    module.resize_pool_(budget)
 
 
 def keep_largest(module: BlockSparseBase, n_keep: int, per_table_counts: Optional[dict] = None
