@@ -20,7 +20,7 @@ NEEDS_ENGINE = {"dsl", "dense_to_sparse"}
 def _method(method: str, **kw) -> MethodConfig:
     if method in NEEDS_ENGINE and not engine_available():
         pytest.skip("dsl_kernels.sparsity.DSLScheduler is not available")
-    density = 1.0 if method == "dense" else 0.5
+    density = 1.0 if method in ("dense", "dense_small") else 0.5
     return MethodConfig(method, density, block_size=4, update_every=3, prune_fraction=0.3,
                         score_window=2, stop_fraction=0.8, **kw)
 
@@ -46,7 +46,8 @@ def _check_files(rep):
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_ranking_two_epochs(model, method, tiny_ranking, tmp_path):
     tcfg = TrainConfig(model=model, epochs=2, batch_size=64, lr=0.02, dim=16, layers=2,
-                       progress=False, out=str(tmp_path))
+                       progress=False, out=str(tmp_path),
+                       memory=0.5 if method == "dense_small" else None)
     rep = run_ranking(tiny_ranking, tcfg, _method(method))
     e1, e2 = rep["epochs"]
     assert e2["loss"] < e1["loss"], (e1["loss"], e2["loss"])
@@ -55,6 +56,8 @@ def test_ranking_two_epochs(model, method, tiny_ranking, tmp_path):
     mem = saved["memory"]
     if method == "dense":
         assert mem["embedding_share_of_dense"] == pytest.approx(1.0, rel=0.01)
+    elif method == "dense_small":  # dim 8 of 16: half the bytes of the full dense table
+        assert mem["share_of_full_dense"] == pytest.approx(0.5, rel=0.01)
     else:
         # values at half density + index, Adam states at half density: well below dense
         assert mem["embedding_total_bytes"] < 0.8 * mem["dense_equivalent_total_bytes"]

@@ -57,8 +57,8 @@ def _two_ways(run, tcfg_kw, tmp_path, monkeypatch):
     ck = str(tmp_path / "ck.dsl")
     save = L._save_checkpoint
 
-    def save_then_die(tcfg, mcfg, model, ctl, epoch, history):
-        save(tcfg, mcfg, model, ctl, epoch, history)
+    def save_then_die(tcfg, mcfg, model, ctl, epoch, history, best=None):
+        save(tcfg, mcfg, model, ctl, epoch, history, best)
         if epoch == 1:
             raise _Killed
 
@@ -89,6 +89,21 @@ def test_ranking_resume_equals_straight(model, method, tiny_ranking, tmp_path, m
     _compare(straight, resumed)
     if method == "dsl":
         assert straight["epochs"][-1]["mask_updates"] > 0
+
+
+def test_ranking_resume_with_selection_protocol(tiny_ranking, tmp_path, monkeypatch):
+    """The validation protocol's best snapshot travels in the checkpoint: a resumed run selects
+    the same epoch and scores the same test numbers as a straight one."""
+    kw = dict(model="mf", batch_size=64, lr=0.02, dim=16, progress=False, plot=False,
+              device="cpu", loss="softmax", negatives=16, val_fraction=0.2)
+    m = _method("dsl")
+    straight, resumed = _two_ways(lambda t: run_ranking(tiny_ranking, t, m), kw, tmp_path,
+                                  monkeypatch)
+    _compare(straight, resumed)
+    assert straight["selection"]["selected_epoch"] in (1, 2)
+    assert straight["selection"] == {**resumed["selection"],
+                                     "test_eval_time_s": straight["selection"][
+                                         "test_eval_time_s"]}
 
 
 def test_ctr_resume_equals_straight(tmp_path, monkeypatch):

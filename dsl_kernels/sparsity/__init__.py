@@ -49,6 +49,7 @@ checkpoint's sizes), then ``model.load_state_dict(ck["model"])`` and
 ``opt.load_state_dict(ck["opt"])`` — or simply :func:`load_checkpoint`. Resume is bit-exact on
 deterministic backends.
 """
+from .layout import align_, allocate_by_frequency_
 from .prune_regrow import prune_regrow_, reset_optimizer_rows, register_optimizer_state
 from .schedules import cosine_update_fraction, cubic_density
 from .scheduler import DSLScheduler, load_checkpoint
@@ -56,6 +57,8 @@ from .scheduler import DSLScheduler, load_checkpoint
 __all__ = [
     "DSLScheduler",
     "load_checkpoint",
+    "align_",
+    "allocate_by_frequency_",
     "prune_regrow_",
     "reset_optimizer_rows",
     "register_optimizer_state",

@@ -104,6 +104,9 @@ class DSLScheduler:
             dropped, non-finite blocks are pruned first). With raise/skip the engine never writes
             NaN/Inf into a pool or an optimizer state.
         seed: seed of the scheduler's generator (random growth, σ-init, sampling).
+        reset_optimizer: zero the optimizer state (moments, step counts) of reassigned slots
+            (default). ``False`` keeps the pruned block's state for the grown one, as DSL's
+            published code does; it is offered for that baseline.
 
     The loop is ``loss.backward(); optimizer.step(); scheduler.step()``.
     """
@@ -118,7 +121,7 @@ class DSLScheduler:
                  target_skip: float = 0.2, stale_window: Optional[int] = None,
                  freeze_windows: int = 1, hot_fraction: float = 0.1,
                  max_stale_change: Optional[float] = None, grow_init: GrowInit = "zeros",
-                 nan_policy: str = "raise", seed: int = 0):
+                 nan_policy: str = "raise", seed: int = 0, reset_optimizer: bool = True):
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
@@ -175,6 +178,7 @@ class DSLScheduler:
         self.adapt_every, self.adapt_fraction = adapt_every, adapt_fraction
         self.skip_stale, self.stale_window = skip_stale, stale_window
         self.grow_init, self.nan_policy = grow_init, nan_policy
+        self.reset_optimizer = bool(reset_optimizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self._stats: Dict[str, Any] = {"mask_updates": 0, "moved_blocks": 0, "compactions": 0,
@@ -370,7 +374,9 @@ class DSLScheduler:
         if slots.numel():
             self._init_grown(m, slots)
             fo = _fused(m)
-            if fo is not None:
+            if not self.reset_optimizer:
+                pass
+            elif fo is not None:
                 fo.reset_state(slots)
             else:
                 reset_optimizer_rows(self.optimizer, m.values, slots)

@@ -10,8 +10,9 @@ import sys
 import time
 from typing import List, Optional
 
-from .methods import METHODS, MethodConfig, engine_available
-from .loop import STREAM_VARIANTS, TrainConfig
+from .methods import MASK_INITS, METHODS, PRESETS, MethodConfig, engine_available
+from .loop import RANKING_DEFAULTS, STREAM_VARIANTS, TrainConfig
+from .models import LOSSES
 
 DESCRIPTION = """\
 Train recommendation models whose embedding tables are block-sparse from the first step
@@ -68,13 +69,21 @@ def _add_common(p: argparse.ArgumentParser, model: str) -> None:
     g = p.add_argument_group("sparsity")
     g.add_argument("--method", default=None, choices=METHODS,
                    help="how the tables are trained (default: dsl, or dense at --density 1)")
+    g.add_argument("--memory", type=float, default=None,
+                   help="target share of the dense table's bytes (values + index + optimizer "
+                        "state); sets --density of sparse methods and the dimension of "
+                        "dense_small (e.g. 0.1)")
     g.add_argument("--density", type=float, default=0.1,
                    help="share of the table kept, 1.0 = dense (default 0.1 = 90%% sparse)")
     g.add_argument("--block-size", type=int, default=8,
                    help="columns per sparse block; divides --dim (default 8)")
-    g.add_argument("--mask-init", default="random", choices=("random", "aligned"),
-                   help="initial mask of sparse tables: random columns (default) or aligned "
-                        "(each row's blocks in the first columns)")
+    g.add_argument("--mask-init", default="frequency", choices=MASK_INITS,
+                   help="initial mask of sparse tables: frequency (default: blocks per row ~ "
+                        "training count ** --frequency-power, in the first columns; CTR tables "
+                        "fall back to aligned), aligned (random per-row counts, first columns) "
+                        "or random (random columns)")
+    g.add_argument("--frequency-power", type=float, default=0.5,
+                   help="mask-init frequency: blocks per row ~ count ** this (default 0.5)")
     g.add_argument("--update-every", type=int, default=100,
                    help="DSL: steps between mask updates (default 100)")
     g.add_argument("--prune-fraction", type=float, default=0.3,
@@ -100,13 +109,38 @@ def _add_common(p: argparse.ArgumentParser, model: str) -> None:
 def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
     g = p.add_argument_group("training")
     ctr = model == "dlrm"
-    g.add_argument("--epochs", type=int, default=3 if ctr else 10,
+    R = RANKING_DEFAULTS
+    g.add_argument("--epochs", type=int, default=3 if ctr else R["epochs"],
                    help="passes over the training data (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=1024 if ctr else 2048,
+    g.add_argument("--batch-size", type=int, default=1024 if ctr else R["batch_size"],
                    help="(default %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    g.add_argument("--reg", type=float, default=0.0 if ctr else 1e-4,
+    g.add_argument("--lr", type=float, default=1e-3 if ctr else R["lr"],
+                   help="learning rate (default %(default)s)")
+    g.add_argument("--reg", type=float, default=0.0 if ctr else R["reg"],
                    help="L2 weight on the batch's embeddings (default %(default)s)")
+    if not ctr:
+        g.add_argument("--loss", default=R["loss"], choices=LOSSES,
+                       help="ranking loss: softmax (sampled softmax over cosine similarities "
+                            "with --negatives shared negatives per batch) or bpr (default "
+                            "%(default)s)")
+        g.add_argument("--tau", type=float, default=R["tau"],
+                       help="softmax temperature (default %(default)s)")
+        g.add_argument("--negatives", type=int, default=R["negatives"],
+                       help="softmax: negatives shared by a batch; bpr: negatives per positive "
+                            "(default %(default)s)")
+        g.add_argument("--sampling", default=R["sampling"], choices=("interaction", "user"),
+                       help="batches of interactions, or users drawn uniformly with one of "
+                            "their items (default %(default)s)")
+        g.add_argument("--lr-schedule", default=R["lr_schedule"], choices=("constant", "cosine"),
+                       help="(default %(default)s)")
+        g.add_argument("--val-fraction", type=float, default=R["val_fraction"],
+                       help="share of each user's train items held out as a validation split; "
+                            "the epoch with the best validation Recall@20 is selected and test "
+                            "is scored once on it; 0 = no validation, test after every "
+                            "evaluation (default %(default)s)")
+        g.add_argument("--patience", type=int, default=R["patience"],
+                       help="stop after this many evaluations without a better validation "
+                            "score (default %(default)s; 0 = never)")
     g.add_argument("--optimizer", default="adam", choices=("adam", "adagrad", "sgd"))
     g.add_argument("--fused", action="store_true",
                    help="sparse tables: fuse the optimizer into the backward (lazy, touched "
@@ -169,10 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
                                     "method of --methods, plus one dense run; writes a table, a "
                                     "JSON summary and sweep.png (metric and memory vs density).")
     sp.add_argument("--model", default="mf", choices=("mf", "lightgcn", "dlrm"))
+    sp.add_argument("--memory-points", default=None,
+                    help="comma list of memory shares of the dense table (values + index + "
+                         "optimizer state), e.g. 0.2,0.1,0.05: every method is sized to each "
+                         "(replaces --densities)")
     sp.add_argument("--densities", default="0.05,0.1,0.2", help="comma list (default "
-                    "0.05,0.1,0.2)")
-    sp.add_argument("--methods", default="dsl,static,magnitude", help="comma list of sparse "
-                    "methods (default dsl,static,magnitude)")
+                    "0.05,0.1,0.2), used without --memory-points")
+    sp.add_argument("--methods", default="dsl,static,magnitude",
+                    help="comma list of method recipes: " + ", ".join(PRESETS) +
+                         " (default dsl,static,magnitude)")
+    sp.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    sp.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs found in --out (same options = same name), so "
+                         "a sweep can be split over several processes and gathered at the end")
+    sp.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
     _add_common(sp, "sweep")
     return p
 
@@ -183,13 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _method_cfg(a, method: Optional[str] = None, density: Optional[float] = None) -> MethodConfig:
     d = a.density if density is None else density
     m = method or a.method or ("dense" if d >= 1.0 else "dsl")
-    if m == "dense":
+    if m in ("dense", "dense_small"):
         d = 1.0
     return MethodConfig(method=m, density=d, block_size=a.block_size, backend=a.backend,
                         update_every=a.update_every, prune_fraction=a.prune_fraction,
                         stop_fraction=a.stop_fraction, grow=a.grow, distribution=a.distribution,
                         dense_fraction=a.dense_fraction, skip_stale=a.skip_stale,
-                        target_skip=a.target_skip, mask_init=a.mask_init)
+                        target_skip=a.target_skip, mask_init=a.mask_init,
+                        frequency_power=a.frequency_power)
 
 
 def _train_cfg(a, model: str) -> TrainConfig:
@@ -199,7 +244,11 @@ def _train_cfg(a, model: str) -> TrainConfig:
                        seed=a.seed,
                        device=a.device, progress=not a.no_progress, out=a.out, name=a.name,
                        plot=not a.no_plot, checkpoint=getattr(a, "checkpoint", None),
-                       resume=getattr(a, "resume", None))
+                       resume=getattr(a, "resume", None), memory=getattr(a, "memory", None),
+                       **{k: getattr(a, k) for k in ("loss", "tau", "negatives", "sampling",
+                                                     "lr_schedule", "val_fraction")
+                          if hasattr(a, k)},
+                       patience=(getattr(a, "patience", None) or None))
 
 
 def load_ranking_data(path: str, seed: int = 0):
@@ -423,38 +472,133 @@ def cmd_stream(a) -> List[dict]:
     return reps
 
 
+def _sweep_configs(a) -> List[tuple]:
+    """(label, memory share or None, MethodConfig) of every sparse/dense-small run of a sweep.
+    ``--memory`` points size every method to the same measured bytes; without it the methods
+    run at each of ``--densities`` (dense_small needs --memory)."""
+    from .methods import preset
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    base = _method_cfg(a, "dsl", 0.5)
+    out = []
+    if a.memory_points:
+        for share in [float(x) for x in a.memory_points.split(",") if x.strip()]:
+            out += [(m, share, preset(m, base)) for m in methods]
+    else:
+        for d in [float(x) for x in a.densities.split(",") if x.strip()]:
+            for m in methods:
+                c = preset(m, base)
+                if c.method == "dense_small":
+                    raise ValueError("sweep: dense_small is sized by memory: use --memory-points")
+                out.append((m, None, MethodConfig(**dict(c.to_dict(), density=d))))
+    return out
+
+
+def _reuse_or_run(run, tcfg, mcfg, reuse: bool):
+    """A finished run's report when ``reuse`` and ``<out>/<name>.json`` exists (the name hashes
+    every option that changes the result), else train it."""
+    import json
+
+    from .loop import _run_name
+
+    if reuse:
+        data_name = getattr(run, "data_name", None)
+        if data_name is not None:
+            path = os.path.join(tcfg.out, _run_name(tcfg, mcfg, data_name) + ".json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rep = json.load(f)
+                if "final" in rep and "memory" in rep:
+                    print(f"  reusing {path}", flush=True)
+                    return rep
+    return run(mcfg)
+
+
+def _mean_std(xs: List[float]):
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def cmd_sweep(a) -> List[dict]:
-    from .loop import run_ctr, run_ranking
-    from .report import write_json
+    """Quality at equal measured memory: every method of ``--methods`` at every point of
+    ``--memory-points`` (or ``--densities``), each over ``--seeds``, plus dense; a table with
+    mean ± std and a Pareto plot (metric against measured memory, dense as a reference)."""
+    from .loop import resolve_memory, run_ctr, run_ranking
+    from .report import plot_pareto, write_json
 
     model = a.model
-    tcfg = _train_cfg(a, model)
-    densities = [float(x) for x in a.densities.split(",") if x.strip()]
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    seeds = [int(x) for x in str(a.seeds).split(",") if x.strip()]
     if model == "dlrm":
         train, test = load_ctr_data(a)
         run = lambda m: run_ctr(train, test, tcfg, m)
         metric, dname = "auc", train.name
+        rows_total = sum(train.table_sizes)
     else:
-        data = load_ranking_data(a.data, a.seed)
+        data = load_ranking_data(a.data, 0)
         print(data.summary(), flush=True)
         run = lambda m: run_ranking(data, tcfg, m)
-        metric, dname = f"recall@{tcfg.k}", data.name
-    configs = [_method_cfg(a, "dense", 1.0)] + [_method_cfg(a, m, d) for d in densities
-                                                for m in methods]
-    reps = []
-    for m in configs:
-        tcfg.name = None
-        reps.append(run(m))
-    rows = [_summary_row(r) for r in reps]
+        metric, dname = "recall@20", data.name
+        rows_total = data.num_users + data.num_items
+    run.data_name = dname
+    configs = [] if a.no_dense else [("dense", None, _method_cfg(a, "dense", 1.0))]
+    configs += _sweep_configs(a)
+    groups: dict = {}
+    for label, share, mcfg in configs:
+        for seed in seeds:
+            tcfg = _train_cfg(a, model)
+            tcfg.seed, tcfg.name, tcfg.memory = seed, None, share
+            if model != "dlrm":
+                mcfg_r = resolve_memory(mcfg, tcfg, rows_total)
+            else:
+                mcfg_r = mcfg
+            rep = _reuse_or_run(run, tcfg, mcfg_r, a.reuse)
+            groups.setdefault((label, share if share is not None else mcfg_r.density),
+                              []).append(rep)
+    other = "ndcg@20" if model != "dlrm" else "logloss"
+    rows, points, dense_pt = [], [], None
+    for (label, x), reps in groups.items():
+        mem = [r["memory"].get("share_of_full_dense", r["memory"]["embedding_share_of_dense"])
+               for r in reps]
+        mu, sd = _mean_std([r["final"].get(metric) for r in reps])
+        mu2, sd2 = _mean_std([r["final"].get(other) for r in reps])
+        pt = {"method": label, "target": x, "share": sum(mem) / len(mem), metric: mu,
+              f"{metric}_std": sd, other: mu2, f"{other}_std": sd2, "seeds": len(reps),
+              "runs": [r["name"] for r in reps]}
+        if label == "dense":
+            dense_pt = pt
+        else:
+            points.append(pt)
+    for pt in ([dense_pt] if dense_pt else []) + points:
+        row = {"method": pt["method"],
+               "memory target": "-" if pt["method"] == "dense" else f"{pt['target']:g}",
+               "measured memory": f"{100 * pt['share']:.1f}%"}
+        for key in (metric, other):
+            if pt[key] is None:
+                row[key] = "-"
+            else:
+                row[key] = f"{pt[key]:.4f} ± {pt[f'{key}_std']:.4f}"
+        if dense_pt and pt[metric] is not None and dense_pt[metric]:
+            row["% of dense"] = f"{100 * pt[metric] / dense_pt[metric]:.1f}%"
+        row["seeds"] = pt["seeds"]
+        rows.append(row)
     _print_table(rows)
     name = a.name or f"sweep-{model}-{dname}"
     write_json(os.path.join(a.out, name + ".json"),
-               {"runs": [{k: r[k] for k in ("name", "method_config", "final", "memory",
-                                           "wall_time_s")} for r in reps]})
-    p = _sweep_plot(a.out, name, reps, metric)
-    print(f"\n{p}")
-    return reps
+               {"metric": metric, "dense": dense_pt, "points": points, "table": rows,
+                "runs": [{k: r[k] for k in ("name", "method_config", "train_config", "final",
+                                            "memory", "wall_time_s") if k in r}
+                         for reps in groups.values() for r in reps]})
+    from .report import can_plot
+
+    if can_plot():
+        p = plot_pareto(os.path.join(a.out, name + "-sweep.png"), points, metric, dense_pt,
+                        title=f"{model} on {dname}: {metric} at equal memory")
+        print(f"\n{p}")
+    return [r for reps in groups.values() for r in reps]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

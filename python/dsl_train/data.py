@@ -52,6 +52,18 @@ class InteractionData:
     train_items: Tensor
     test_users: Tensor
     test_items: Tensor
+    # Validation split carved out of train (:meth:`with_validation`); None when there is none.
+    val_users: Optional[Tensor] = None
+    val_items: Optional[Tensor] = None
+
+    def with_validation(self, fraction: float, seed: int = 0) -> "InteractionData":
+        """A copy whose train split gives ``fraction`` of every user's items to a validation
+        split (:func:`dsl_train.protocol.carve_validation`); test is untouched."""
+        from .protocol import carve_validation
+
+        tu, ti, vu, vi = carve_validation(self.train_users, self.train_items, fraction, seed)
+        return InteractionData(self.name, self.num_users, self.num_items, tu, ti,
+                               self.test_users, self.test_items, vu, vi)
 
     @property
     def num_train(self) -> int:
@@ -62,8 +74,9 @@ class InteractionData:
         return int(self.test_users.numel())
 
     def summary(self) -> str:
+        val = "" if self.val_users is None else f" / {self.val_users.numel():,} validation"
         return (f"{self.name}: {self.num_users:,} users, {self.num_items:,} items, "
-                f"{self.num_train:,} train / {self.num_test:,} test interactions")
+                f"{self.num_train:,} train{val} / {self.num_test:,} test interactions")
 
 
 @dataclass

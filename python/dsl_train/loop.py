@@ -19,9 +19,17 @@ from torch import Tensor, nn
 from . import report as rpt
 from .data import CTRData, EventStream, InteractionData, events_to_split, stream_windows
 from .methods import (Controller, MethodConfig, backends_in_use, make_collection, make_table,
-                      sparse_pools)
+                      resolve_memory, sparse_pools)
 from .metrics import auc, log_loss, ranking_metrics, to_csr
 from .models import DLRM, LightGCN, MF
+from .protocol import BestSnapshot, dense_bytes
+
+
+# The ranking recipe dsl-train uses without flags (MF and LightGCN). Chosen on Gowalla's
+# validation split (docs/RESULTS.md, "How the defaults were chosen").
+RANKING_DEFAULTS = dict(epochs=20, batch_size=2048, lr=5e-3, reg=0.0, loss="softmax", tau=0.1,
+                        negatives=512, sampling="interaction", lr_schedule="constant",
+                        val_fraction=0.1, patience=3)
 
 
 @dataclass
@@ -48,6 +56,15 @@ class TrainConfig:
     plot: bool = True
     checkpoint: Optional[str] = None  # mf/lightgcn/dlrm: written at the end of every epoch
     resume: Optional[str] = None      # mf/lightgcn/dlrm: continue from this checkpoint
+    # Ranking recipe and protocol (see docs/RESULTS.md for how these defaults were chosen).
+    loss: str = "bpr"              # ranking loss: "softmax" (sampled, cosine) or "bpr"
+    tau: float = 0.1               # softmax temperature
+    negatives: int = 1             # BPR: negatives per positive; softmax: shared per batch
+    sampling: str = "interaction"  # batches of interactions, or "user": users drawn uniformly
+    lr_schedule: str = "constant"  # or "cosine": lr decays to 0 over the planned steps
+    val_fraction: float = 0.0      # share of each user's train items held out for selection
+    patience: Optional[int] = None  # stop after this many evaluations without a better val
+    memory: Optional[float] = None  # target share of the dense table's bytes (sets density/dim)
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,7 +154,10 @@ class NegativeSampler:
         pos = torch.searchsorted(self.keys, q).clamp(max=self.keys.numel() - 1)
         return self.keys[pos] == q
 
-    def sample(self, users: Tensor) -> Tensor:
+    def sample(self, users: Tensor, n: int = 1) -> Tensor:
+        """``[B]`` negatives (``n == 1``) or ``[B, n]``."""
+        if n > 1:
+            users = users.unsqueeze(1).expand(-1, n)
         neg = torch.randint(self.num_items, users.shape, device=users.device)
         for _ in range(8):
             bad = self._is_pos(users, neg)
@@ -220,13 +240,14 @@ def _shard(num_batches: int) -> list:
 
 
 
-def _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep) -> None:
-    """Record one finished epoch (shared by the ranking and CTR loops) and checkpoint it."""
+def _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep, best=None) -> None:
+    """Record one finished epoch (shared by the ranking and CTR loops) and checkpoint it
+    (``best``: the selection protocol's snapshot state, resumed with the run)."""
     row["embedding_total_bytes"] = trained_bytes  # what this epoch trained with
     if note:
         row["note"] = note
     rep["epochs"].append(row)
-    _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"])
+    _save_checkpoint(tcfg, mcfg, model, ctl, ep + 1, rep["epochs"], best)
 
 
 def _end_run(rep, t_run, world, model, ctl) -> None:
@@ -237,7 +258,7 @@ def _end_run(rep, t_run, world, model, ctl) -> None:
         rep["replica_mismatches"] = _replica_check(model, ctl)
 
 def _save_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module, ctl: Controller,
-                     epoch: int, history: list) -> None:
+                     epoch: int, history: list, best=None) -> None:
     """Write ``tcfg.checkpoint`` after ``epoch`` completed epochs (atomic: a crash mid-write
     keeps the previous file). Global RNG states go in through ``dsl_kernels.save``; the
     scheduler's own generator is in its state dict; everything else the loop needs to go on is
@@ -248,12 +269,13 @@ def _save_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module, ct
 
     dsl_kernels.save(tcfg.checkpoint, model, ctl.optimizer, ctl.scheduler, epoch=epoch,
                      history=history, model_kind=tcfg.model, method=mcfg.method,
-                     pruned=ctl.pruned)
+                     pruned=ctl.pruned, best=best)
 
 
 def _load_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module,
-                     ctl: Controller) -> Tuple[int, list]:
-    """Restore ``tcfg.resume`` into ``model`` / ``ctl``; returns (epochs done, history rows)."""
+                     ctl: Controller) -> Tuple[int, list, dict]:
+    """Restore ``tcfg.resume`` into ``model`` / ``ctl``; returns (epochs done, history rows,
+    the checkpoint's ``extra``)."""
     import dsl_kernels
     from dsl_kernels.checkpoint import read_payload
 
@@ -271,16 +293,31 @@ def _load_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module,
     if epoch > tcfg.epochs:
         raise ValueError(f"--resume {tcfg.resume}: the checkpoint has {epoch} epochs done, "
                          f"more than --epochs {tcfg.epochs}")
-    return epoch, [dict(r) for r in extra.get("history", [])]
+    return epoch, [dict(r) for r in extra.get("history", [])], extra
+
+
+# Options that never change a run's result (where it writes, how it shows progress).
+_NAME_IGNORES = {"name", "out", "progress", "plot", "checkpoint", "resume", "device", "seed"}
 
 
 def _run_name(tcfg: TrainConfig, mcfg: MethodConfig, data_name: str) -> str:
+    """``<model>-<data>-<method>[-d<density>|-dim<dim>][-<mask>]-<hash>-s<seed>``: readable
+    parts plus a short hash of every option that can change the result, so two runs that differ
+    in any of them (dim, lr, epochs, ...) never share a name and overwrite each other's JSON."""
     if tcfg.name:
         return tcfg.name
-    d = f"-d{mcfg.density:g}" if mcfg.sparse else ""
+    import hashlib
+    import json
+
+    d = f"-d{mcfg.density:.4g}" if mcfg.sparse else ""
+    if mcfg.method == "dense_small" and mcfg.dim is not None:
+        d = f"-dim{mcfg.dim}"
     if mcfg.sparse and mcfg.mask_init != "random":
         d += f"-{mcfg.mask_init}"
-    return f"{tcfg.model}-{data_name}-{mcfg.method}{d}-s{tcfg.seed}"
+    opts = {k: v for k, v in asdict(tcfg).items() if k not in _NAME_IGNORES}
+    opts.update({f"m.{k}": v for k, v in mcfg.to_dict().items()})
+    h = hashlib.sha1(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{tcfg.model}-{data_name}-{mcfg.method}{d}-{h}-s{tcfg.seed}"
 
 
 def _base_report(task: str, tcfg: TrainConfig, mcfg: MethodConfig, data_summary: str,
@@ -290,10 +327,13 @@ def _base_report(task: str, tcfg: TrainConfig, mcfg: MethodConfig, data_summary:
             "method_config": mcfg.to_dict(), "epochs": []}
 
 
-def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar,
-                   step_fn=None, epoch: int = 0, seed: int = 0) -> Tuple[float, float]:
-    """One BPR pass. ``step_fn(u, p, q, reg) -> (loss, bpr)`` defaults to ``model.loss`` (the
-    DDP-wrapped loss under torchrun, where each rank trains its shard of the batches)."""
+def _ranking_batches(users: Tensor, items: Tensor, bs: int, sampling: str,
+                     train_csr=None, epoch: int = 0, seed: int = 0):
+    """Yield ``(users, positives)`` batches of one epoch (``ceil(n / bs)`` batches).
+
+    ``sampling="interaction"``: a shuffled pass over the interactions (heavy users get more
+    steps). ``"user"``: users drawn uniformly, each with one of its items (LightGCN's sampler; it
+    weights users as Recall@K does). Under torchrun each rank takes its shard of the batches."""
     n = users.numel()
     rank, world = dist_world()
     if world > 1:
@@ -303,17 +343,57 @@ def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar,
         perm = torch.randperm(n, generator=g).to(users.device)
     else:
         perm = torch.randperm(n, device=users.device)
+    if sampling == "user":
+        ptr, cols = (t.to(users.device) for t in train_csr)
+        active = torch.nonzero(ptr[1:] > ptr[:-1]).squeeze(1)
+    for bi in _shard(math.ceil(n / bs)):
+        if sampling == "user":
+            m = min(bs, n - bi * bs)
+            u = active[torch.randint(active.numel(), (m,), device=users.device)]
+            start, cnt = ptr[u], ptr[u + 1] - ptr[u]
+            off = (torch.rand(m, device=users.device) * cnt).long().clamp(max=cnt - 1)
+            yield u, cols[start + off]
+        else:
+            idx = perm[bi * bs:bi * bs + bs]
+            yield users[idx], items[idx]
+
+
+def _set_lr(ctl: "Controller", model: nn.Module, lr: float) -> None:
+    """Set the learning rate of the torch optimizer and of every fused pool optimizer."""
+    for g in ctl.optimizer.param_groups:
+        g["lr"] = lr
+    for pool in sparse_pools(model):
+        fo = getattr(pool, "fused_optimizer", None)
+        if fo is None:
+            continue
+        if hasattr(fo, "set_learning_rate"):
+            fo.set_learning_rate(lr)
+        elif hasattr(fo, "lr"):
+            fo.lr = lr
+
+
+def _ranking_epoch(model, ctl, users, items, sampler, bs, reg, bar,
+                   step_fn=None, epoch: int = 0, seed: int = 0, tcfg: TrainConfig = None,
+                   train_csr=None, lr_at=None) -> Tuple[float, float]:
+    """One BPR pass. ``step_fn(u, p, q, reg) -> (loss, bpr)`` defaults to ``model.loss`` (the
+    DDP-wrapped loss under torchrun, where each rank trains its shard of the batches).
+    ``lr_at(step) -> lr`` (optional) sets the learning rate before every step."""
+    negatives = tcfg.negatives if tcfg is not None else 1
+    sampling = tcfg.sampling if tcfg is not None else "interaction"
     step_fn = step_fn or model.loss
     tot = tot_b = 0.0
     steps = 0
-    for bi in _shard(math.ceil(n / bs)):
-        lo = bi * bs
-        idx = perm[lo:lo + bs]
-        u, p = users[idx], items[idx]
-        q = sampler.sample(u)
+    softmax = tcfg is not None and tcfg.loss == "softmax"
+    for u, p in _ranking_batches(users, items, bs, sampling, train_csr, epoch, seed):
+        # Softmax: one set of uniform negatives for the whole batch (a positive drawn among
+        # them costs a little signal, no bias worth a rejection pass); BPR: per positive.
+        q = (torch.randint(sampler.num_items, (negatives,), device=u.device) if softmax
+             else sampler.sample(u, negatives))
         loss, b = step_fn(u, p, q, reg)
         ctl.zero_grad()
         loss.backward()
+        if lr_at is not None:
+            _set_lr(ctl, model, lr_at())
         ctl.step()
         steps += 1
         tot += float(loss.detach())
@@ -336,33 +416,66 @@ def _eval_ranking(model, train_csr, test_csr, num_items, k, users=None) -> Dict[
 
 def build_ranking_model(tcfg: TrainConfig, mcfg: MethodConfig, num_users: int, num_items: int,
                         train_users: Tensor, train_items: Tensor, dev: torch.device) -> nn.Module:
-    emb = make_table(mcfg, num_users + num_items, tcfg.dim, device=dev)
+    # Training occurrences of every row (users, then items): the frequency mask layout.
+    counts = torch.cat([torch.bincount(train_users, minlength=num_users),
+                        torch.bincount(train_items, minlength=num_items)])
+    emb = make_table(mcfg, num_users + num_items, tcfg.dim, device=dev, row_counts=counts)
     if tcfg.model == "mf":
-        return MF(num_users, num_items, emb)
+        return MF(num_users, num_items, emb, tcfg.loss, tcfg.tau)
     if tcfg.model == "lightgcn":
-        return LightGCN(num_users, num_items, emb, train_users, train_items, tcfg.layers)
+        return LightGCN(num_users, num_items, emb, train_users, train_items, tcfg.layers,
+                        tcfg.loss, tcfg.tau)
     raise ValueError(f"ranking model must be mf or lightgcn, got {tcfg.model!r}")
 
 
+def _lr_fn(tcfg: TrainConfig, total_steps: int, counter: list):
+    """``() -> lr`` for the next step (``counter[0]`` steps done so far), or None when the
+    learning rate is constant."""
+    if tcfg.lr_schedule == "constant":
+        return None
+    if tcfg.lr_schedule != "cosine":
+        raise ValueError(f"--lr-schedule must be constant or cosine, got {tcfg.lr_schedule!r}")
+
+    def lr_at() -> float:
+        t = counter[0]
+        counter[0] += 1
+        return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    return lr_at
+
+
 def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) -> dict:
-    """Train MF or LightGCN with BPR on ``data``; Recall/NDCG@k on the test split."""
+    """Train MF or LightGCN with BPR on ``data``; Recall/NDCG@k on the test split.
+
+    With ``tcfg.val_fraction > 0`` the run follows the selection protocol: a validation split is
+    carved out of train (the same split for every seed), evaluations during training score it,
+    the epoch with the best validation Recall@k (among epochs trained at the final memory) is
+    kept, and the test split is scored once, on that epoch's model. ``tcfg.patience`` stops the
+    run early after that many evaluations without a better validation score."""
     if data.num_train == 0:
         raise ValueError(f"{data.name}: no training interactions")
+    protocol = tcfg.val_fraction > 0
+    full_train = (data.train_users, data.train_items)
+    if protocol and data.val_users is None:
+        data = data.with_validation(tcfg.val_fraction, seed=0)
     seed_all(tcfg.seed)
     dev = pick_device(tcfg.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tu, ti = data.train_users.to(dev), data.train_items.to(dev)
+    mcfg = resolve_memory(mcfg, tcfg, data.num_users + data.num_items)
     model = build_ranking_model(tcfg, mcfg, data.num_users, data.num_items, data.train_users,
                                 data.train_items, dev)
     steps_per_epoch = len(_shard(math.ceil(data.num_train / tcfg.batch_size)))
-    ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
-                     tcfg.epochs)
+    total_steps = steps_per_epoch * tcfg.epochs
+    ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), total_steps, tcfg.epochs)
     rank, world = dist_world()
     step_fn = _wrap_ddp(model, ctl, mcfg, tcfg, loss_module=True) if world > 1 else None
     sampler = NegativeSampler(tu, ti, data.num_items, dev)
     train_csr = to_csr(data.train_users, data.train_items, data.num_users)
     test_csr = to_csr(data.test_users, data.test_items, data.num_users)
+    if protocol:
+        val_csr = to_csr(data.val_users, data.val_items, data.num_users)
+        test_excl = to_csr(*full_train, data.num_users)   # rank test against the whole train
     eval_sample = None
     if tcfg.eval_users and tcfg.eval_users < data.num_users:
         g = torch.Generator().manual_seed(tcfg.seed + 7)
@@ -375,41 +488,85 @@ def run_ranking(data: InteractionData, tcfg: TrainConfig, mcfg: MethodConfig) ->
     t_run = time.perf_counter()
     start = 0
     last = {}
+    best = BestSnapshot()
     if tcfg.resume:
-        start, rep["epochs"] = _load_checkpoint(tcfg, mcfg, model, ctl)
+        start, rep["epochs"], extra = _load_checkpoint(tcfg, mcfg, model, ctl)
+        if extra.get("best") is not None:
+            best.load_state_dict(extra["best"])
         evals = [r for r in rep["epochs"] if f"recall@{k}" in r]
         if evals:
             last = {key: evals[-1][key] for key in (f"recall@{k}", f"ndcg@{k}", "eval_users")}
+    lr_counter = [start * steps_per_epoch]
+    lr_at = _lr_fn(tcfg, total_steps, lr_counter)
     bar = _bar(steps_per_epoch * (tcfg.epochs - start), name, tcfg.progress and rank == 0)
     bar._metric = ""
+    stale_evals = 0
     for ep in range(start, tcfg.epochs):
         _sync(dev)
         t0 = time.perf_counter()
         loss, b = _ranking_epoch(model, ctl, tu, ti, sampler, tcfg.batch_size, tcfg.reg, bar,
-                                 step_fn, ep, tcfg.seed)
+                                 step_fn, ep, tcfg.seed, tcfg, train_csr, lr_at)
         trained_bytes = rpt.memory_report(model, ctl.optimizer)["embedding_total_bytes"]
         note = ctl.end_epoch(ep)
         _sync(dev)
         row = {"epoch": ep + 1, "loss": loss, "bpr": b, "time_s": time.perf_counter() - t0}
         final = ep + 1 == tcfg.epochs
+        stop = False
         if rank == 0 and (final or (tcfg.eval_every and (ep + 1) % tcfg.eval_every == 0)):
             t1 = time.perf_counter()
-            last = _eval_ranking(model, train_csr, test_csr, data.num_items, k,
-                                 None if final else eval_sample)
-            row.update(last)
+            if protocol:
+                # Validation drives the selection: same users (the sample, if any) every time.
+                m = _eval_ranking(model, train_csr, val_csr, data.num_items, k, eval_sample)
+                row.update({f"val_{key}": v for key, v in m.items()})
+                if ctl.at_budget():
+                    if best.offer(model, ep + 1, m[f"recall@{k}"], row):
+                        stale_evals = 0
+                    else:
+                        stale_evals += 1
+                stop = tcfg.patience is not None and stale_evals >= tcfg.patience
+                bar._metric = f" val R@{k}={m[f'recall@{k}']:.4f}"
+            else:
+                last = _eval_ranking(model, train_csr, test_csr, data.num_items, k,
+                                     None if final else eval_sample)
+                row.update(last)
+                bar._metric = f" R@{k}={last[f'recall@{k}']:.4f}"
             row["eval_time_s"] = time.perf_counter() - t1
-            bar._metric = f" R@{k}={last[f'recall@{k}']:.4f}"
         row.update(ctl.stats())
-        _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep)
+        _end_epoch(rep, row, trained_bytes, note, tcfg, mcfg, model, ctl, ep,
+                   best.state_dict() if protocol else None)
+        if not tcfg.progress and rank == 0:  # no bar: one line per epoch for logs
+            shown = {key: round(v, 4) for key, v in row.items() if isinstance(v, float)
+                     and ("recall" in key or "ndcg" in key or key in ("loss", "time_s"))}
+            print(f"{name} epoch {ep + 1}/{tcfg.epochs}: {shown}", flush=True)
+        if stop:
+            rep["stopped_early_after_epoch"] = ep + 1
+            break
     bar.close()
     _end_run(rep, t_run, world, model, ctl)
+    if protocol and rank == 0:
+        # The selected epoch's model, scored once on test.
+        final_model_stats = ctl.stats()
+        best.restore(model)
+        t1 = time.perf_counter()
+        last = _eval_ranking(model, test_excl, test_csr, data.num_items, k)
+        rep["selection"] = {"metric": f"val_recall@{k}", "selected_epoch": best.epoch,
+                            f"val_recall@{k}": best.metric,
+                            f"val_ndcg@{k}": best.row.get(f"val_ndcg@{k}"),
+                            "test_eval_time_s": time.perf_counter() - t1,
+                            "epochs_run": len(rep["epochs"])}
+        del final_model_stats
     rep["final"] = {key: last.get(key) for key in (f"recall@{k}", f"ndcg@{k}")}
+    if protocol:
+        rep["final"][f"val_recall@{k}"] = best.metric if best.epoch else None
+        rep["final"]["selected_epoch"] = best.epoch
     rep["final"]["density"] = ctl.stats()["density"]
     rep["memory"] = rpt.memory_report(model, ctl.optimizer, ctl.scheduler, dev)
     rep["memory"]["max_embedding_total_bytes"] = max(r["embedding_total_bytes"]
                                                      for r in rep["epochs"])
-    return _save(rep, tcfg, {f"{mcfg.method}": [r.get(f"recall@{k}") for r in rep["epochs"]]},
-                 f"recall@{k}")
+    rep["memory"]["share_of_full_dense"] = rep["memory"]["embedding_total_bytes"] / max(
+        1, dense_bytes(data.num_users + data.num_items, tcfg.dim, tcfg.optimizer))
+    key = f"val_recall@{k}" if protocol else f"recall@{k}"
+    return _save(rep, tcfg, {f"{mcfg.method}": [r.get(key) for r in rep["epochs"]]}, key)
 
 
 def _save(rep: dict, tcfg: TrainConfig, curves: Dict[str, Sequence], metric: str) -> dict:
@@ -469,7 +626,7 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
     start = 0
     last = {}
     if tcfg.resume:
-        start, rep["epochs"] = _load_checkpoint(tcfg, mcfg, model, ctl)
+        start, rep["epochs"], _ = _load_checkpoint(tcfg, mcfg, model, ctl)
         if rep["epochs"]:
             last = {key: rep["epochs"][-1][key] for key in ("auc", "logloss")}
     bar = _bar(steps_per_epoch * (tcfg.epochs - start), name, tcfg.progress and rank == 0)

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from dsl_kernels import BlockSparseBase, SparseEmbedding, SparseEmbeddingBagCollection, TableConfig
+from dsl_kernels.sparsity import align_, allocate_by_frequency_
 
 from .models import DenseEmbeddingBagCollection, SparseTables
 
-METHODS = ("dense", "dsl", "static", "magnitude", "dense_to_sparse")
+METHODS = ("dense", "dense_small", "dsl", "static", "magnitude", "dense_to_sparse")
+MASK_INITS = ("frequency", "aligned", "random")
 
 
 @dataclass
@@ -41,7 +43,13 @@ class MethodConfig:
     block_size: int = 8
     init_std: float = 0.1
     backend: str = "auto"
-    mask_init: str = "random"        # random | aligned (initial mask of sparse tables)
+    # Initial mask of sparse tables: "frequency" (blocks per row ~ count ** frequency_power, in
+    # the first columns; needs the rows' training counts, else falls back to "aligned"),
+    # "aligned" (random per-row counts, first columns) or "random" (random columns).
+    mask_init: str = "random"
+    frequency_power: float = 0.5
+    dim: Optional[int] = None        # dense_small: the table's (reduced) dimension
+    reset_optimizer: bool = True     # DSL: zero the optimizer state of reassigned slots
     # DSL / dense_to_sparse
     update_every: int = 100          # steps between mask updates (Delta T)
     prune_fraction: float = 0.3      # alpha_0, the share of active blocks moved at the 1st update
@@ -61,11 +69,15 @@ class MethodConfig:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
-        if self.method == "dense" and self.density != 1.0:
-            raise ValueError("--method dense trains the full table: use --density 1.0, or pick a "
-                             "sparse method (dsl, static, magnitude, dense_to_sparse)")
-        if self.mask_init not in ("random", "aligned"):
-            raise ValueError(f"--mask-init must be random or aligned, got {self.mask_init!r}")
+        if self.method in ("dense", "dense_small") and self.density != 1.0:
+            raise ValueError(f"--method {self.method} trains a dense table: use --density 1.0 "
+                             "(dense_small takes --memory), or pick a sparse method (dsl, "
+                             "static, magnitude, dense_to_sparse)")
+        if self.mask_init not in MASK_INITS:
+            raise ValueError(f"--mask-init must be one of {', '.join(MASK_INITS)}, got "
+                             f"{self.mask_init!r}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dense_small dim must be >= 1, got {self.dim}")
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0.0 < self.stop_fraction <= 1.0:
@@ -75,46 +87,99 @@ class MethodConfig:
 
     @property
     def sparse(self) -> bool:
-        return self.method != "dense"
+        return self.method not in ("dense", "dense_small")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Named method recipes of the quality sweep (``dsl-train sweep --methods``): the method plus
+# the MethodConfig fields that make it what the literature calls it. ``dsl`` is this project's
+# recipe (the MethodConfig defaults the CLI gives); ``dsl_paper`` is DSL's published one
+# (element-wise blocks, uniform random mask, optimizer state kept for grown weights,
+# single-batch gradient growth, cosine update fraction from 0.5, its ΔT of 3000 iterations,
+# updates over the whole run).
+PRESETS: Dict[str, Dict[str, object]] = {
+    "dense": {"method": "dense"},
+    "dense_small": {"method": "dense_small"},
+    "static": {"method": "static", "mask_init": "random"},
+    "static_aligned": {"method": "static", "mask_init": "aligned"},
+    "static_frequency": {"method": "static", "mask_init": "frequency"},
+    "magnitude": {"method": "magnitude"},
+    "dense_to_sparse": {"method": "dense_to_sparse"},
+    "dsl_paper": {"method": "dsl", "block_size": 1, "mask_init": "random",
+                  "reset_optimizer": False, "score_window": 1, "prune_fraction": 0.5,
+                  "update_every": 3000, "stop_fraction": 1.0},
+    "dsl": {"method": "dsl"},
+}
+
+
+def preset(name: str, base: MethodConfig) -> MethodConfig:
+    """``base`` with the fields of the named recipe (:data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(PRESETS)}")
+    d = base.to_dict()
+    d.update(PRESETS[name])
+    if d["method"] in ("dense", "dense_small"):
+        d["density"] = 1.0
+    return MethodConfig(**d)
 
 
 def _normal(std: float) -> Callable[[torch.Tensor], None]:
     return lambda v: nn.init.normal_(v, std=std)
 
 
-@torch.no_grad()
-def align_mask(pool: BlockSparseBase) -> None:
-    """Move every row's initial blocks to its first columns (row r with k blocks holds columns
-    0..k-1), keeping the per-row counts of the random mask. At low density a row holds about one
-    block; with random columns a user and an item rarely share a column, so most dot products
-    start at exactly 0. Aligned, the sparse table starts as a narrow dense one and the sparsity
-    engine moves blocks from there."""
-    c = pool.coord
-    n = int((c >= 0).sum())
-    rows = torch.sort(torch.div(c[c >= 0], pool.num_blocks, rounding_mode="floor")).values
-    cols = torch.arange(n, device=c.device) - torch.searchsorted(rows, rows)
-    c.fill_(-1)
-    c[:n] = rows * pool.num_blocks + cols
-    pool.rebuild_index()
+def resolve_memory(cfg: MethodConfig, tcfg, num_rows: int) -> MethodConfig:
+    """Apply ``tcfg.memory`` (a share of the full dense table's bytes, optimizer state included)
+    to the method: a density for the sparse methods, a dimension for ``dense_small``. Without a
+    memory target the config is returned as is (``dense_small`` then needs ``cfg.dim``)."""
+    from .protocol import density_for_memory, dim_for_memory
+
+    share = getattr(tcfg, "memory", None)
+    if share is None:
+        if cfg.method == "dense_small" and cfg.dim is None:
+            raise ValueError("--method dense_small needs --memory (a share of the dense "
+                             "table's bytes) to size its dimension")
+        return cfg
+    d = cfg.to_dict()
+    if cfg.method == "dense":
+        raise ValueError("--memory sizes the compressed methods; --method dense is the full "
+                         "table (drop --memory)")
+    if cfg.method == "dense_small":
+        d["dim"] = dim_for_memory(share, tcfg.dim)
+    else:
+        d["density"] = density_for_memory(share, num_rows, tcfg.dim, cfg.block_size,
+                                          tcfg.optimizer)
+    return MethodConfig(**d)
 
 
-def make_table(cfg: MethodConfig, num_rows: int, dim: int, device=None) -> nn.Module:
-    """The single table of MF / LightGCN (``num_rows x dim``) for the method's first phase."""
-    if dim % cfg.block_size:
+def make_table(cfg: MethodConfig, num_rows: int, dim: int, device=None,
+               row_counts: Optional[torch.Tensor] = None) -> nn.Module:
+    """The single table of MF / LightGCN (``num_rows x dim``) for the method's first phase.
+    ``row_counts`` (training occurrences of every row) feeds ``mask_init="frequency"``."""
+    if cfg.method == "dense_small":
+        dim = cfg.dim if cfg.dim is not None else dim
+    elif dim % cfg.block_size:
         raise ValueError(f"--dim {dim} must be a multiple of --block-size {cfg.block_size}")
-    if cfg.method in ("dense", "magnitude"):
+    if cfg.method in ("dense", "dense_small", "magnitude"):
         emb = nn.Embedding(num_rows, dim, device=device)
         nn.init.normal_(emb.weight, std=cfg.init_std)
         return emb
     density = 1.0 if cfg.method == "dense_to_sparse" else cfg.density
     emb = SparseEmbedding(num_rows, dim, density=density, block_size=cfg.block_size,
                           init=_normal(cfg.init_std), backend=cfg.backend, device=device)
-    if cfg.mask_init == "aligned":
-        align_mask(emb)
+    _init_mask(emb, cfg, row_counts)
     return emb
+
+
+def _init_mask(pool: BlockSparseBase, cfg: MethodConfig,
+               row_counts: Optional[torch.Tensor]) -> None:
+    if cfg.method == "dense_to_sparse" or cfg.mask_init == "random":
+        return
+    if cfg.mask_init == "frequency" and row_counts is not None:
+        allocate_by_frequency_(pool, row_counts, cfg.frequency_power)
+    else:  # "aligned", or "frequency" without counts
+        align_(pool)
 
 
 def make_collection(cfg: MethodConfig, sizes: Sequence[int], names: Sequence[str], dim: int,
@@ -129,8 +194,7 @@ def make_collection(cfg: MethodConfig, sizes: Sequence[int], names: Sequence[str
                                        density=density, block_size=cfg.block_size,
                                        init=_normal(cfg.init_std), backend=cfg.backend,
                                        device=device, output="concat")
-    if cfg.mask_init == "aligned":
-        align_mask(ebc)  # rows of different tables never overlap: per-row alignment is enough
+    _init_mask(ebc, cfg, None)  # no per-row counts for CTR tables: frequency -> aligned
     return SparseTables(ebc, list(names), dim)
 
 
@@ -225,6 +289,8 @@ class Controller:
                   distribution=cfg.distribution)
         if cfg.method == "static":  # stale skipping only: a mask that never moves
             kw.update(prune_fraction=0.0)
+        if not cfg.reset_optimizer:
+            kw.update(reset_optimizer=False)
         if cfg.method == "dense_to_sparse":
             kw.update(schedule="dense_to_sparse", t_start=0, t_end=self.stop_step,
                       target_density=cfg.density)
@@ -239,6 +305,15 @@ class Controller:
                 raise RuntimeError(f"DSLScheduler does not accept {unknown}; the trainer expects "
                                    f"the API of dsl_kernels.sparsity (issue 6)")
         return DSLScheduler(pools if len(pools) > 1 else pools[0], self.optimizer, **kw)
+
+    def at_budget(self) -> bool:
+        """Is the model at its final memory now? (Not during magnitude's dense phase nor
+        during dense_to_sparse's decay: the selection protocol only picks such epochs.)"""
+        if self.cfg.method == "magnitude":
+            return self.pruned
+        if self.cfg.method == "dense_to_sparse" and self.scheduler is not None:
+            return self.scheduler.step_count >= self.stop_step
+        return True
 
     def step(self) -> None:
         """After ``loss.backward()``: optimizer step, then the mask schedule."""

@@ -35,8 +35,42 @@ def all_rows(emb: nn.Module, num_rows: int) -> Tensor:
 
 
 def bpr(pos: Tensor, neg: Tensor) -> Tensor:
-    """Bayesian personalised ranking loss ``-log sigmoid(pos - neg)``, mean over the batch."""
+    """Bayesian personalised ranking loss ``-log sigmoid(pos - neg)``, mean over the batch.
+    ``pos`` is ``[B]``; ``neg`` is ``[B]`` or ``[B, n]`` (n negatives per positive, averaged).
+
+    >>> round(bpr(torch.tensor([1.0]), torch.tensor([[1.0, 1.0]])).item(), 4)
+    0.6931
+    """
+    if neg.dim() == 2:
+        pos = pos.unsqueeze(1)
     return F.softplus(neg - pos).mean()
+
+
+LOSSES = ("softmax", "bpr")
+
+
+def sampled_softmax(eu: Tensor, ep: Tensor, en: Tensor, tau: float) -> Tensor:
+    """Sampled softmax over cosine similarities: each user's positive against ``M`` shared
+    negatives, ``-log softmax([cos(u, p), cos(u, n_1..M)] / tau)[0]``, mean over the batch.
+    Rows with no active entries (all zero) score 0 against everything.
+
+    >>> u = torch.tensor([[1.0, 0.0]]); p = torch.tensor([[2.0, 0.0]]); n = torch.tensor([[0.0, 1.0]])
+    >>> round(sampled_softmax(u, p, n, 1.0).item(), 4)     # log(1 + e^(0 - 1))
+    0.3133
+    """
+    eu, ep, en = F.normalize(eu, dim=1), F.normalize(ep, dim=1), F.normalize(en, dim=1)
+    logits = torch.cat([(eu * ep).sum(1, keepdim=True), eu @ en.T], 1) / tau
+    return F.cross_entropy(logits, torch.zeros(eu.shape[0], dtype=torch.long,
+                                               device=eu.device))
+
+
+def _pair_scores(eu: Tensor, ep: Tensor, en: Tensor, n_neg: int):
+    """(``[B]`` positive scores, ``[B]`` or ``[B, n]`` negative scores) of user rows ``eu``,
+    positive rows ``ep`` and the ``B * n`` negative rows ``en`` (user-major)."""
+    pos = (eu * ep).sum(1)
+    if n_neg == 1:
+        return pos, (eu * en).sum(1)
+    return pos, (eu.unsqueeze(1) * en.view(eu.shape[0], n_neg, -1)).sum(2)
 
 
 class MF(nn.Module):
@@ -49,11 +83,19 @@ class MF(nn.Module):
     (0, torch.Size([2, 4]))
     """
 
-    def __init__(self, num_users: int, num_items: int, emb: nn.Module):
+    def __init__(self, num_users: int, num_items: int, emb: nn.Module, loss: str = "bpr",
+                 tau: float = 0.1):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.num_users, self.num_items = num_users, num_items
         self.emb = emb
+        self.loss_kind, self.tau = loss, tau
         self._cache = None
+
+    def _out(self, e: Tensor) -> Tensor:
+        """Scoring rows: the softmax loss scores cosine similarities."""
+        return F.normalize(e, dim=1) if self.loss_kind == "softmax" else e
 
     def embedding_modules(self) -> Dict[str, nn.Module]:
         return {"emb": self.emb}
@@ -63,12 +105,18 @@ class MF(nn.Module):
         self.emb = module
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor, reg: float):
-        """(BPR + ``reg`` * L2 of the batch's embeddings / batch, the BPR part alone)."""
+        """(ranking loss + ``reg`` * L2 of the batch's embeddings / batch, the ranking loss
+        alone). BPR: ``neg`` is ``[B]`` or ``[B, n]`` (n negatives per positive). Softmax:
+        ``neg`` is ``[M]``, negatives shared by the whole batch."""
         n = users.numel()
-        nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
+        n_neg = 1 if neg.dim() == 1 else neg.shape[1]
+        nodes = torch.cat([users, pos + self.num_users, neg.reshape(-1) + self.num_users])
         e = self.emb(nodes)
         eu, ep, en = e[:n], e[n:2 * n], e[2 * n:]
-        b = bpr((eu * ep).sum(1), (eu * en).sum(1))
+        if self.loss_kind == "softmax":
+            b = sampled_softmax(eu, ep, en, self.tau)
+        else:
+            b = bpr(*_pair_scores(eu, ep, en, n_neg))
         l2 = 0.5 * e.pow(2).sum() / n
         return b + reg * l2, b
 
@@ -77,7 +125,7 @@ class MF(nn.Module):
         """Cache the item output matrix for a round of :meth:`score_users` calls."""
         dev = next(self.emb.parameters()).device
         items = torch.arange(self.num_users, self.num_users + self.num_items, device=dev)
-        self._cache = self.emb(items)
+        self._cache = self._out(self.emb(items))
 
     def end_eval(self) -> None:
         self._cache = None
@@ -87,9 +135,9 @@ class MF(nn.Module):
         dev = next(self.emb.parameters()).device
         items = self._cache
         if items is None:
-            items = self.emb(torch.arange(self.num_users, self.num_users + self.num_items,
-                                          device=dev))
-        return self.emb(users.to(dev)) @ items.T
+            items = self._out(self.emb(torch.arange(self.num_users,
+                                                    self.num_users + self.num_items, device=dev)))
+        return self._out(self.emb(users.to(dev))) @ items.T
 
 
 def normalized_adjacency(num_users: int, num_items: int, users: Tensor, items: Tensor,
@@ -123,10 +171,13 @@ class LightGCN(nn.Module):
     """
 
     def __init__(self, num_users: int, num_items: int, emb: nn.Module, train_users: Tensor,
-                 train_items: Tensor, layers: int = 3):
+                 train_items: Tensor, layers: int = 3, loss: str = "bpr", tau: float = 0.1):
         super().__init__()
         if layers < 0:
             raise ValueError(f"layers must be >= 0, got {layers}")
+        if loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.loss_kind, self.tau = loss, tau
         self.num_users, self.num_items, self.layers = num_users, num_items, layers
         self.emb = emb
         dev = next(emb.parameters()).device
@@ -151,21 +202,29 @@ class LightGCN(nn.Module):
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor, reg: float):
         out, e0 = self.propagate()
-        u, p, q = users, pos + self.num_users, neg + self.num_users
-        b = bpr((out[u] * out[p]).sum(1), (out[u] * out[q]).sum(1))
+        n_neg = 1 if neg.dim() == 1 else neg.shape[1]
+        u, p, q = users, pos + self.num_users, neg.reshape(-1) + self.num_users
+        if self.loss_kind == "softmax":
+            b = sampled_softmax(out[u], out[p], out[q], self.tau)
+        else:
+            b = bpr(*_pair_scores(out[u], out[p], out[q], n_neg))
         l2 = 0.5 * (e0[u].pow(2).sum() + e0[p].pow(2).sum() + e0[q].pow(2).sum()) / users.numel()
         return b + reg * l2, b
 
     @torch.no_grad()
     def prepare_eval(self) -> None:
-        self._cache = self.propagate()[0]
+        out = self.propagate()[0]
+        self._cache = F.normalize(out, dim=1) if self.loss_kind == "softmax" else out
 
     def end_eval(self) -> None:
         self._cache = None
 
     @torch.no_grad()
     def score_users(self, users: Tensor) -> Tensor:
-        out = self._cache if self._cache is not None else self.propagate()[0]
+        out = self._cache
+        if out is None:
+            out = self.propagate()[0]
+            out = F.normalize(out, dim=1) if self.loss_kind == "softmax" else out
         users = users.to(out.device)
         return out[users] @ out[self.num_users:].T
 

@@ -206,6 +206,35 @@ def plot_sweep(path: str, rows: List[dict], metric: str, title: str = "") -> str
     return path
 
 
+def plot_pareto(path: str, points: List[dict], metric: str, dense: Optional[dict] = None,
+                 title: str = "") -> str:
+    """Quality against measured memory, one line per method: ``points`` are dicts with method,
+    ``share`` (embedding + optimizer bytes / the dense table's), ``metric`` and optionally
+    ``{metric}_std`` (error bars over seeds); ``dense`` (same keys) is drawn as a reference
+    line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in sorted({r["method"] for r in points}):
+        rs = sorted((r for r in points if r["method"] == m), key=lambda r: r["share"])
+        ax.errorbar([100 * r["share"] for r in rs], [r[metric] for r in rs],
+                    yerr=[r.get(f"{metric}_std") or 0.0 for r in rs], marker="o", capsize=3,
+                    label=m)
+    if dense is not None:
+        ax.axhline(dense[metric], color="k", ls="--", lw=1,
+                   label=f"dense (100 % memory): {dense[metric]:.4f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("memory: embedding + optimizer state, % of the dense table (log)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
