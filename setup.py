@@ -89,7 +89,12 @@ setup(
     + find_packages("python", include=["dsl_train", "dsl_train.*"]),
     package_dir={"dsl_train": "python/dsl_train"},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"]},
+    # [torchrec]: dsl_kernels.torchrec (sharding with DistributedModelParallel). torchrec names
+    # the CUDA fbgemm-gpu; on CPU-only machines install as the README says (fbgemm-gpu-cpu, then
+    # torchrec --no-deps).
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"],
+                    "torchrec": ["torchrec==1.8.0", "fbgemm-gpu==1.8.0", "tensordict",
+                                 "torchmetrics==1.0.3", "pyre-extensions", "iopath"]},
     entry_points={"console_scripts": ["dsl-train=dsl_train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -54,6 +54,7 @@ __all__ = [
     "is_active",
     "all_reduce_scores_",
     "all_reduce_row_scores",
+    "all_gather_varlen",
     "reduce_growth_scores",
     "is_shard",
     "sync_mask_",
@@ -127,6 +128,31 @@ def all_reduce_scores_(tensor: Tensor, group: Any = None, average: bool = False)
     return tensor
 
 
+def all_gather_varlen(tensor: Tensor, group: Any = None) -> List[Tensor]:
+    """Every rank's ``tensor`` (same dtype and trailing shape, any length along dim 0), in rank
+    order, on every rank: one all-gather of the lengths, one of the padded tensors. Single
+    process: ``[tensor]``.
+
+    >>> import torch
+    >>> from dsl_kernels.distributed import all_gather_varlen
+    >>> all_gather_varlen(torch.tensor([3, 1]))
+    [tensor([3, 1])]
+    """
+    if not is_active(group):
+        return [tensor]
+    dist = _dist()
+    world = dist.get_world_size(group)
+    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    counts = [int(c) for c in sizes]
+    pad = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]))
+    pad[: tensor.shape[0]] = tensor
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad, group=group)
+    return [o[:c] for o, c in zip(out, counts)]
+
+
 def all_reduce_row_scores(rows: Tensor, scores: Tensor, group: Any = None,
                           average: bool = False) -> Tuple[Tensor, Tensor]:
     """Sum sparse row scores over ranks: ``rows int64[R]`` (ascending, unique per rank) with
@@ -144,26 +170,11 @@ def all_reduce_row_scores(rows: Tensor, scores: Tensor, group: Any = None,
                          f"{tuple(rows.shape)} and scores {tuple(scores.shape)}")
     if not is_active(group):
         return rows, scores
-    dist = _dist()
-    world = dist.get_world_size(group)
-    n = torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    counts = [int(s) for s in sizes]
-    R = max(counts)
-    if R == 0:
+    parts_rows = all_gather_varlen(rows.long(), group)
+    if sum(r.numel() for r in parts_rows) == 0:
         return rows.long(), scores
-    # all_gather needs equal sizes: pad to the largest count, cut after.
-    pad_rows = torch.full((R,), -1, dtype=torch.int64, device=rows.device)
-    pad_rows[: rows.numel()] = rows.long()
-    pad_scores = scores.new_zeros((R,) + tuple(scores.shape[1:]))
-    pad_scores[: rows.numel()] = scores
-    all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
-    all_scores = [torch.empty_like(pad_scores) for _ in range(world)]
-    dist.all_gather(all_rows, pad_rows, group=group)
-    dist.all_gather(all_scores, pad_scores, group=group)
-    cat_rows = torch.cat([r[:c] for r, c in zip(all_rows, counts)])
-    cat_scores = torch.cat([s[:c] for s, c in zip(all_scores, counts)])
+    cat_rows = torch.cat(parts_rows)
+    cat_scores = torch.cat(all_gather_varlen(scores, group))
     # Summation order is the rank order on every rank, so the result is bit-identical.
     urows, inv = torch.unique(cat_rows, sorted=True, return_inverse=True)
     out = scores.new_zeros((urows.numel(),) + tuple(scores.shape[1:]))
