@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .ops import hooks
 from .backends import resolve
 from .format import MODES
 
@@ -125,6 +126,7 @@ class BlockSparseBase(nn.Module):
         # compacted with the pool, so no caller has to know who registered them.
         self.slot_buffers: List[str] = []
         self.lookup_observers: List[Callable[["BlockSparseBase", LookupRecord], None]] = []
+        self._hook_id = hooks.register(self)  # how the lookup's backward finds the observers
         self.register_load_state_dict_post_hook(lambda module, keys: module.rebuild_index())
 
     # ------------------------------------------------------------------ properties
@@ -287,21 +289,39 @@ class BlockSparseBase(nn.Module):
         m = MODES[mode]
         pad = -1 if padding_idx is None else padding_idx
         # dsl_kernels.fused.fuse_optimizer installs _fused_lookup: same forward, backward = fused update.
-        lookup_op = getattr(self, "_fused_lookup", None) or ops.lookup
-        out, max_idx = lookup_op(self.values, self.row_ptr, self.row_slots, self.row_mask,
-                                  indices, offsets, psw, self.frozen, num_blocks, m, pad,
-                                  self.deterministic, self.backend_for(indices.device.type))
-        if self.lookup_observers and out.requires_grad:
-            rec = LookupRecord(indices, offsets, psw, max_idx, num_blocks, m, pad)
-
-            def _observe(grad: Tensor, rec=rec):
-                rec.grad_out = grad
-                for obs in self.lookup_observers:
-                    obs(self, rec)
-                rec.grad_out = None
-
-            out.register_hook(_observe)
+        fused_lookup = getattr(self, "_fused_lookup", None)
+        observed = bool(self.lookup_observers) and torch.is_grad_enabled()
+        backend = self.backend_for(indices.device.type)
+        if fused_lookup is None:
+            # Observers get the output gradient from inside the op's backward (an opaque op
+            # reached by id), which torch.compile traces without a Python side effect.
+            out, max_idx = ops.lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
+                                      indices, offsets, psw, self.frozen, num_blocks, m, pad,
+                                      self.deterministic, backend,
+                                      self._hook_id if observed else -1)
+            return out
+        out, max_idx = fused_lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
+                                    indices, offsets, psw, self.frozen, num_blocks, m, pad,
+                                    self.deterministic, backend)
+        if observed and out.requires_grad:
+            out.register_hook(lambda grad: self.notify_lookup(grad, indices, offsets, psw,
+                                                              max_idx, num_blocks, m, pad))
         return out
+
+    def notify_lookup(self, grad_out: Tensor, indices: Tensor, offsets: Tensor,
+                      psw: Optional[Tensor], max_idx: Tensor, num_blocks: int, mode: int,
+                      padding_idx: int) -> None:
+        """Hand a lookup and its output gradient to every lookup observer (called from the
+        backward of ``dsl::lookup`` through :func:`dsl_kernels.ops.hooks.observe_lookup`)."""
+        rec = LookupRecord(indices, offsets, psw, max_idx, num_blocks, mode, padding_idx,
+                           grad_out)
+        for obs in self.lookup_observers:
+            obs(self, rec)
+
+    def __setstate__(self, state) -> None:
+        # A copy (deepcopy, pickle) is another pool: it gets its own hook id.
+        super().__setstate__(state)
+        self._hook_id = hooks.register(self)
 
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

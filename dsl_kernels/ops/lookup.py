@@ -3,7 +3,8 @@
 Returns ``(out [num_bags, D], max_idx)`` (``max_idx int64[num_bags, D]`` in max mode, empty
 otherwise). ``frozen`` and ``deterministic`` only matter to the backward
 (:mod:`.lookup_backward`). The gradient of ``per_sample_weights`` comes from this op itself
-(one lookup per entry), so every backend gets it for free.
+(one lookup per entry), so every backend gets it for free. ``observer >= 0`` names (see
+:mod:`.hooks`) the pool whose lookup observers get the output gradient in the backward.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from ..backends import implementation
 from ..format import MODE_MAX, MODE_SUM
 from .checks import check_bags, check_pool
+from .hooks import observe_lookup
 from .lookup_backward import lookup_backward
 
 
@@ -22,8 +24,9 @@ from .lookup_backward import lookup_backward
 def lookup(values: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
            indices: Tensor, offsets: Tensor, per_sample_weights: Optional[Tensor],
            frozen: Optional[Tensor], num_blocks: int, mode: int, padding_idx: int,
-           deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """Embedding-bag forward. ``frozen`` and ``deterministic`` only matter to the backward."""
+           deterministic: bool, backend: str, observer: int = -1) -> Tuple[Tensor, Tensor]:
+    """Embedding-bag forward. ``frozen``, ``deterministic`` and ``observer`` only matter to the
+    backward."""
     out, max_idx = implementation(backend, "lookup")(values, row_ptr, row_slots, row_mask,
                                                      indices, offsets, per_sample_weights,
                                                      num_blocks, mode, padding_idx)
@@ -32,7 +35,7 @@ def lookup(values: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
 
 @lookup.register_fake
 def _lookup_fake(values, row_ptr, row_slots, row_mask, indices, offsets, per_sample_weights,
-                 frozen, num_blocks, mode, padding_idx, deterministic, backend):
+                 frozen, num_blocks, mode, padding_idx, deterministic, backend, observer=-1):
     check_pool(values, row_ptr, row_slots, row_mask, num_blocks)
     check_bags(indices, offsets, per_sample_weights, mode)
     num_bags = offsets.shape[0] - 1
@@ -47,17 +50,20 @@ def _lookup_fake(values, row_ptr, row_slots, row_mask, indices, offsets, per_sam
 
 def _setup_context(ctx, inputs, output):
     (values, row_ptr, row_slots, row_mask, indices, offsets, psw, frozen, num_blocks, mode,
-     padding_idx, deterministic, backend) = inputs
+     padding_idx, deterministic, backend, observer) = inputs
     _, max_idx = output
     ctx.save_for_backward(values, row_ptr, row_slots, row_mask, indices, offsets, psw, frozen,
                           max_idx)
-    ctx.args = (num_blocks, mode, padding_idx, deterministic, backend)
+    ctx.args = (num_blocks, mode, padding_idx, deterministic, backend, observer)
 
 
 def _backward(ctx, grad_out, _grad_max_idx):
     values, row_ptr, row_slots, row_mask, indices, offsets, psw, frozen, max_idx = ctx.saved_tensors
-    num_blocks, mode, padding_idx, deterministic, backend = ctx.args
+    num_blocks, mode, padding_idx, deterministic, backend, observer = ctx.args
     grad_out = grad_out.contiguous()
+    if observer >= 0:
+        grad_out = observe_lookup(grad_out, indices, offsets, psw, max_idx, num_blocks, mode,
+                                  padding_idx, observer)
     grad_values = grad_psw = None
     if ctx.needs_input_grad[0]:
         grad_values = lookup_backward(grad_out, values, row_ptr, row_slots, row_mask, indices,
@@ -68,7 +74,7 @@ def _backward(ctx, grad_out, _grad_max_idx):
                                            indices, offsets, num_blocks, padding_idx, backend)
         grad_psw = grad_psw.to(psw.dtype)
     return (grad_values, None, None, None, None, None, grad_psw, None, None, None, None, None,
-            None)
+            None, None)
 
 
 lookup.register_autograd(_backward, setup_context=_setup_context)
