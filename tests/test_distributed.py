@@ -102,6 +102,10 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
         # 0's update itself, so no replica drifts after any mask update.
         assert r0["scheduler_drift"] == r1["scheduler_drift"] == 0
         assert r0["scheduler_in_sync"] == r1["scheduler_in_sync"] == 6
+        # the mask follows both ranks' data: grown blocks in rank 0's rows and in rank 1's
+        assert r0["grown_rows"] == r1["grown_rows"]
+        assert any(r < 50 for r in r0["grown_rows"]) and any(r >= 50 for r in r0["grown_rows"])
+        assert r0["ddp_masks_in_sync"] and r1["ddp_masks_in_sync"]
 
 
 # ----------------------------------------------------------------------------- worker
@@ -218,6 +222,26 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if not dd.check_replicas_in_sync(model, opt):
                 result["scheduler_in_sync"] += 1
         result["scheduler_steps"] = 6
+
+    # DDP growth scores are all-reduced: rank 0's batches touch rows [0, 50), rank 1's rows
+    # [50, 100); one mask update must grow blocks in both halves (with rank 0's local scores
+    # alone, every grown block would lie in [0, 50)). lr=0 keeps the values identical, so only
+    # the scores could make the ranks' decisions differ.
+    if sched is not None:
+        torch.manual_seed(0)
+        emb2 = SparseEmbeddingBag(100, 8, mode="sum", density=0.2, block_size=4)
+        dd.sync_mask_(emb2, src=0)
+        opt2 = torch.optim.SGD(emb2.parameters(), lr=0.0)
+        sched2 = DSLScheduler(emb2, opt2, update_every=1, prune_fraction=0.5, stop_at=10,
+                              grow="gradient", score_window=1)
+        before = set(emb2.coord.tolist())
+        idx = torch.arange(50 * rank, 50 * rank + 50)
+        emb2(idx, torch.arange(0, 50, 5)).pow(2).sum().backward()
+        opt2.step()
+        sched2.step()
+        grown = sorted(set(emb2.coord.tolist()) - before - {-1})
+        result["grown_rows"] = sorted({k // emb2.num_blocks for k in grown})
+        result["ddp_masks_in_sync"] = dd.check_replicas_in_sync(emb2) == []
 
     # Score reductions: rank 0 touched rows {1, 4}, rank 1 rows {3, 4, 9}.
     rows = torch.tensor([1, 4]) if rank == 0 else torch.tensor([3, 4, 9])
