@@ -1,7 +1,7 @@
 // dsl_C::fused_update_rows on CPU: the backward of the lookup fused with an optimizer step.
 //
-// Input is the touched-rows plan built by dsl_kernels/fused.py::touched_rows_plan: the entries
-// of the batch grouped by row (stable sort, so input order inside a row). Every unique row is
+// Input is the touched-rows plan built by dsl_kernels/backends/touched_rows.py (or its C++
+// twin fused_plan below): the entries of the batch grouped by row (stable sort, so input order inside a row). Every unique row is
 // one independent work item: its active blocks are walked in column order, each block's
 // gradient is summed over the row's entries in input order (fp32, deterministic, independent of
 // the thread count) and the optimizer update is applied right away, so no [C, B] gradient is
@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "fused_checks.h"
 #include "fused_update.h"
 
 namespace {
@@ -154,14 +155,9 @@ at::Tensor fused_update_rows_cpu(const at::Tensor& grad_out, at::Tensor& values,
                                  double beta2, double eps, double weight_decay, double step_size,
                                  int64_t nan_policy) {
   const auto dev = values.device();
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous(),
-              "fused_update_rows: values must be a contiguous [C, B] tensor");
-  TORCH_CHECK(grad_out.scalar_type() == values.scalar_type(), "fused_update_rows: grad_out dtype ",
-              grad_out.scalar_type(), " differs from values dtype ", values.scalar_type());
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == num_blocks * values.size(1),
+  dsl_cpu::check_fused_pool("fused_update_rows", grad_out, values, state1, state2, optimizer);
+  TORCH_CHECK(grad_out.size(1) == num_blocks * values.size(1),
               "fused_update_rows: grad_out must be [num_bags, num_blocks * block_size]");
-  TORCH_CHECK(optimizer >= 0 && optimizer <= 4, "fused_update_rows: unknown optimizer ",
-              optimizer);
   TORCH_CHECK(mode >= 0 && mode <= 2, "fused_update_rows: mode must be 0, 1 or 2, got ", mode);
   const int64_t C = values.size(0), B = values.size(1);
   check_plan_tensor(grad_out, "grad_out", values.scalar_type(), dev);
@@ -177,17 +173,6 @@ at::Tensor fused_update_rows_cpu(const at::Tensor& grad_out, at::Tensor& values,
   } else {
     check_plan_tensor(scale, "scale", at::kFloat, dev);
   }
-  const bool adam = optimizer == dsl_fused::kAdam || optimizer == dsl_fused::kAdamW;
-  if (optimizer != dsl_fused::kSGD) {
-    const int64_t want = optimizer == dsl_fused::kRowwiseAdagrad ? C : C * B;
-    check_plan_tensor(state1, "state1", at::kFloat, dev);
-    TORCH_CHECK(state1.numel() == want, "fused_update_rows: state1 must hold ", want,
-                " fp32 values for this optimizer, got ", state1.numel());
-  }
-  if (adam) {
-    check_plan_tensor(state2, "state2", at::kFloat, dev);
-    TORCH_CHECK(state2.numel() == C * B, "fused_update_rows: state2 must be [C, B] fp32");
-  }
   if (frozen.has_value()) {
     check_plan_tensor(*frozen, "frozen", at::kBool, dev);
     TORCH_CHECK(frozen->numel() == C, "fused_update_rows: frozen must have one flag per slot");
@@ -197,14 +182,8 @@ at::Tensor fused_update_rows_cpu(const at::Tensor& grad_out, at::Tensor& values,
     TORCH_CHECK(lo >= 0 && hi < row_mask.size(0), "fused_update_rows: a row id is outside [0, ",
                 row_mask.size(0), ")");
   }
-  dsl_fused::Hyper h{optimizer,
-                     static_cast<float>(lr),
-                     static_cast<float>(beta1),
-                     static_cast<float>(beta2),
-                     static_cast<float>(eps),
-                     static_cast<float>(weight_decay),
-                     static_cast<float>(step_size),
-                     nan_policy};
+  const dsl_fused::Hyper h = dsl_cpu::make_hyper(optimizer, lr, beta1, beta2, eps, weight_decay,
+                                                 step_size, nan_policy);
   int64_t skipped = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "fused_update",
                                   [&] {
@@ -216,8 +195,8 @@ at::Tensor fused_update_rows_cpu(const at::Tensor& grad_out, at::Tensor& values,
   return at::full({1}, skipped, values.options().dtype(at::kLong));
 }
 
-// The touched-rows plan (see dsl_kernels/fused.py::touched_rows_plan, whose outputs these are,
-// except that perm holds only the kept entries). A counting sort by row: O(L + num_rows), stable
+// The touched-rows plan (see dsl_kernels/backends/touched_rows.py::touched_rows_plan, whose
+// outputs these are, except that perm holds only the kept entries). A counting sort by row: O(L + num_rows), stable
 // (entries of a row stay in input order), against the O(L log L) comparison sort of the torch
 // version -- on CPU the sort was half of the fused step. Tables far larger than the batch fall
 // back to sorting (row, position) pairs so the cost stays batch-sized.

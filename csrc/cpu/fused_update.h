@@ -1,7 +1,8 @@
 // Per-block optimizer update shared by the CPU kernel (csrc/cpu/fused_update.cpp) and, as a
 // reading aid, mirrored by the CUDA kernel (csrc/cuda/fused_update.cu) and the Triton kernel
-// (dsl_kernels/triton/fused_update.py). The formulas and their evaluation order are those of
-// dsl_kernels/fused.py::apply_rows (the reference), so backends agree to the last bits.
+// (dsl_kernels/backends/triton/fused_update.py). The formulas and their evaluation order are
+// those of dsl_kernels/backends/reference/fused_update.py::apply_rows (the reference), so
+// backends agree to the last bits.
 //
 // No torch headers: plain C++ usable from any translation unit.
 #pragma once

@@ -150,7 +150,9 @@ class FusedOptimizer:
         return self._step
 
     def _apply(self, call_id, grad_out, row_ptr, row_slots, row_mask, indices, offsets, psw,
-               max_idx, frozen, num_blocks, mode, padding_idx, backend) -> None:
+               max_idx, frozen, num_blocks, mode, padding_idx, backend, plan=()) -> None:
+        """One optimizer step from the backward of a lookup; ``plan`` is the ``(plan,
+        plan_scale)`` the cpu backend's forward emitted (autograd.py), else empty."""
         module = self.module
         if call_id != self._last_call:  # first backward of this module call: one more step
             self._last_call = call_id
@@ -165,11 +167,20 @@ class FusedOptimizer:
                 raise FloatingPointError("non-finite gradient reached the fused optimizer of "
                                          f"{type(module).__name__}; nothing was updated")
         with torch.no_grad():
-            skipped = fused_update(grad_out, module.values.detach(), row_ptr, row_slots, row_mask,
-                                   indices, offsets, psw, max_idx, frozen, module.fused_state1,
-                                   module.fused_state2, num_blocks, mode, padding_idx, self.code,
-                                   self.lr, self.betas[0], self.betas[1], self.eps,
-                                   self.weight_decay, self._step, policy, backend)
+            if plan:
+                from ..backends.cpu.fused_step import apply_plan
+
+                skipped = apply_plan(grad_out, module.values.detach(), module.fused_state1,
+                                     module.fused_state2, *plan, self.code, self.lr,
+                                     self.betas[0], self.betas[1], self.eps, self.weight_decay,
+                                     self._step, policy)
+            else:
+                skipped = fused_update(grad_out, module.values.detach(), row_ptr, row_slots,
+                                       row_mask, indices, offsets, psw, max_idx, frozen,
+                                       module.fused_state1, module.fused_state2, num_blocks,
+                                       mode, padding_idx, self.code, self.lr, self.betas[0],
+                                       self.betas[1], self.eps, self.weight_decay, self._step,
+                                       policy, backend)
         if policy == NAN_RAISE and int(skipped) > 0:
             raise FloatingPointError(f"{int(skipped)} slot updates were non-finite and skipped "
                                      "(the other touched slots were updated)")
