@@ -120,6 +120,20 @@ def test_allocate_by_frequency_budget_prefix_and_order():
         allocate_by_frequency_(e, torch.ones(rows + 1))
 
 
+def test_frequency_floor_gives_every_seen_row_a_block():
+    from dsl_kernels.sparsity.layout import frequency_counts
+
+    counts = torch.tensor([1000, 500, 3, 1, 1, 0, 7, 2])
+    lim = torch.full((8,), 4)
+    per = frequency_counts(counts, 12, lim, power=0.5, min_blocks=1)
+    assert int(per.sum()) == 12 and per[5] == 0
+    assert bool((per[counts > 0] >= 1).all())
+    assert per[0] >= per[1] >= per[6] >= per[2]
+    # a budget below the seen rows: the most frequent rows first, one block each
+    per = frequency_counts(counts, 3, lim, power=0.5, min_blocks=1)
+    assert per.tolist() == [1, 1, 0, 0, 0, 0, 1, 0]
+
+
 def test_align_keeps_counts_and_moves_to_first_columns():
     torch.manual_seed(0)
     e = dsl_kernels.SparseEmbedding(30, 32, density=0.3, block_size=8)

@@ -73,21 +73,11 @@ def align_(pool: BlockSparseBase) -> None:
     _write_prefix_layout(pool, counts)
 
 
-def frequency_counts(row_counts: Tensor, budget: int, limits: Tensor,
-                     power: float = 0.5) -> Tensor:
-    """Blocks per row ``∝ row_counts ** power`` (rows with count 0 get none), capped by
-    ``limits``, summing to ``min(budget, limits[row_counts > 0].sum())``. Water-filling on the
-    proportionality constant, then the rounding remainder to the largest fractional parts.
-
-    >>> frequency_counts(torch.tensor([100, 25, 0, 1]), 6, torch.tensor([4, 4, 4, 4]), 0.5).tolist()
-    [4, 2, 0, 0]
-    """
-    w = row_counts.double().clamp(min=0) ** power
-    w[row_counts <= 0] = 0.0
-    lim = limits.double() * (w > 0)
-    target = float(min(budget, lim.sum()))
+def _water_fill(w: Tensor, lim: Tensor, target: float) -> Tensor:
+    """Integer x <= lim with sum(x) = target and x ~ c * w (bisection on c, then the rounding
+    remainder to the largest fractional parts)."""
     if target <= 0:
-        return torch.zeros_like(limits)
+        return torch.zeros_like(lim)
     lo, hi = 0.0, 1.0
     while float(torch.minimum(w * hi, lim).sum()) < target:
         hi *= 2.0
@@ -106,30 +96,67 @@ def frequency_counts(row_counts: Tensor, budget: int, limits: Tensor,
     elif rest < 0:
         base[torch.topk(torch.where(base > 0, base - x, torch.full_like(x, -math.inf)),
                         -rest).indices] -= 1
-    return base.to(torch.int64)
+    return base
+
+
+def frequency_counts(row_counts: Tensor, budget: int, limits: Tensor,
+                     power: float = 0.5, min_blocks: int = 1) -> Tensor:
+    """Blocks per row: first ``min_blocks`` for every row that occurs (``row_counts > 0``; the
+    most frequent first when the budget cannot cover them all), then the rest of the budget
+    ``∝ row_counts ** power``, capped by ``limits``. Rows that never occur get none.
+
+    >>> lim = torch.tensor([4, 4, 4, 4])
+    >>> frequency_counts(torch.tensor([100, 25, 0, 1]), 6, lim, 0.5, min_blocks=0).tolist()
+    [4, 2, 0, 0]
+    >>> frequency_counts(torch.tensor([100, 25, 0, 1]), 6, lim, 0.5).tolist()
+    [3, 2, 0, 1]
+    """
+    seen = row_counts > 0
+    lim = (limits.double() * seen).clamp(min=0)
+    budget = int(min(budget, lim.sum()))
+    floor = torch.minimum(torch.full_like(lim, float(min_blocks)), lim)
+    if float(floor.sum()) > budget:
+        # Not enough for everyone: one block at a time to the most frequent rows.
+        floor = torch.zeros_like(lim)
+        order = torch.argsort(row_counts.double(), descending=True, stable=True)
+        for _ in range(min_blocks):
+            room = order[(floor[order] < lim[order])]
+            take = room[:budget - int(floor.sum())]
+            floor[take] += 1
+            if int(floor.sum()) >= budget:
+                break
+        return floor.to(torch.int64)
+    w = row_counts.double().clamp(min=0) ** power
+    w[~seen] = 0.0
+    extra = _water_fill(w, lim - floor, float(budget) - float(floor.sum()))
+    return (floor + extra).to(torch.int64)
 
 
 @torch.no_grad()
 def allocate_by_frequency_(pool: BlockSparseBase, row_counts: Tensor, power: float = 0.5,
-                           init_std: Optional[float] = None,
+                           min_blocks: int = 1, init_std: Optional[float] = None,
                            generator: Optional[torch.Generator] = None) -> Tensor:
-    """Give row r about ``row_counts[r] ** power`` blocks (scaled to the budget), in its first
-    columns. ``row_counts`` is ``[num_rows]`` (global rows of the pool, e.g. interaction counts
-    of users then items). Values are redrawn from ``normal(0, init_std)`` when ``init_std`` is
-    given, else kept slot by slot. Returns the per-row block counts.
+    """Give every row that occurs ``min_blocks`` blocks, and the rest of the budget ``∝
+    row_counts[r] ** power``, in its first columns (:func:`frequency_counts`). ``row_counts``
+    is ``[num_rows]`` (global rows of the pool, e.g. interaction counts of users then items).
+    Values are redrawn from ``normal(0, init_std)`` when ``init_std`` is given, else kept slot
+    by slot. Returns the per-row block counts.
 
     >>> import torch, dsl_kernels
     >>> from dsl_kernels.sparsity import allocate_by_frequency_
     >>> e = dsl_kernels.SparseEmbedding(4, 16, density=0.25, block_size=4)   # 4 blocks
     >>> allocate_by_frequency_(e, torch.tensor([100, 1, 0, 9])).tolist()
-    [3, 0, 0, 1]
+    [2, 1, 0, 1]
     """
+    if min_blocks < 0:
+        raise ValueError(f"min_blocks must be >= 0, got {min_blocks}")
     if row_counts.numel() != pool.num_rows:
         raise ValueError(f"row_counts has {row_counts.numel()} entries, the pool has "
                          f"{pool.num_rows} rows")
     if not power >= 0:
         raise ValueError(f"power must be >= 0, got {power}")
-    counts = frequency_counts(row_counts.cpu(), pool.budget, _row_limits(pool), power)
+    counts = frequency_counts(row_counts.cpu(), pool.budget, _row_limits(pool), power,
+                              min_blocks)
     _write_prefix_layout(pool, counts)
     if init_std is not None:
         v = torch.randn(pool.values.shape, generator=generator) * init_std

@@ -171,6 +171,13 @@ def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
                             "are averaged by DDP (gloo on CPU, nccl on CUDA), rank 0's mask is "
                             "broadcast after every update, and rank 0 alone evaluates and writes "
                             "the JSON/plot. Not with --method magnitude or --fused")
+    if model == "dlrm":
+        g.add_argument("--shard", default=None, choices=("row_wise", "table_wise"),
+                       help="with --nproc N >= 2: shard the tables over the N processes with "
+                            "torchrec's DistributedModelParallel (dsl_kernels.torchrec, the "
+                            "[torchrec] extra) instead of replicating them; the MLPs stay "
+                            "data-parallel, DSL masks use one global threshold, --checkpoint "
+                            "writes a folder with torch.distributed.checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +252,7 @@ def _train_cfg(a, model: str) -> TrainConfig:
                        device=a.device, progress=not a.no_progress, out=a.out, name=a.name,
                        plot=not a.no_plot, checkpoint=getattr(a, "checkpoint", None),
                        resume=getattr(a, "resume", None), memory=getattr(a, "memory", None),
+                       shard=getattr(a, "shard", None),
                        **{k: getattr(a, k) for k in ("loss", "tau", "negatives", "sampling",
                                                      "lr_schedule", "val_fraction")
                           if hasattr(a, k)},
@@ -328,34 +336,53 @@ def _print_table(rows: List[dict]) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+DEMO_MEMORY = 0.1  # the demo compares dense, dense-small and DSL at 10 % of dense memory
+
+
 def cmd_demo(out: str = "runs", progress: bool = True, epochs: int = 12,
-             scale: float = 1.0) -> List[dict]:
-    """Synthetic MF: dense vs DSL at density 0.1 vs a static random mask at density 0.1.
-    ``scale`` shrinks the data set (tests use a tiny one)."""
+             scale: float = 1.0, memory: float = DEMO_MEMORY) -> List[dict]:
+    """Synthetic MF at equal memory: the full dense table, a dense table whose dimension gives
+    ``memory`` of its bytes (dense-small), and DSL at the same measured memory (this project's
+    recipe: frequency layout + prune/regrow). ``scale`` shrinks the data set (tests use a tiny
+    one)."""
     from .data import synthetic_implicit
     from .loop import run_ranking
 
     nu, ni = max(20, int(1500 * scale)), max(20, int(1000 * scale))
     data = synthetic_implicit(num_users=nu, num_items=ni, per_user=max(5, int(30 * scale)),
                               seed=0)
-    print(f"dsl-train demo: {data.summary()}; MF-BPR, dim 32, {epochs} epochs, Adam", flush=True)
-    tcfg = TrainConfig(model="mf", epochs=epochs, batch_size=1024, lr=5e-3, reg=1e-4, dim=32,
-                       eval_every=max(1, epochs // 4), device="auto", progress=progress, out=out)
-    runs = [MethodConfig("dense", 1.0, block_size=4),
-            MethodConfig("dsl", 0.1, block_size=4, update_every=20, prune_fraction=0.3),
-            MethodConfig("static", 0.1, block_size=4)]
+    print(f"dsl-train demo: {data.summary()}; MF (sampled softmax), dim 32, up to {epochs} "
+          f"epochs, Adam; dense vs dense-small vs DSL at {memory:.0%} of dense memory",
+          flush=True)
+    runs = [(MethodConfig("dense", 1.0, block_size=4), None),
+            (MethodConfig("dense_small", 1.0, block_size=4), memory),
+            (MethodConfig("dsl", 1.0, block_size=4, update_every=20, mask_init="frequency"),
+             memory)]
     if not engine_available():
         print("note: dsl_kernels.sparsity is not available here; skipping the DSL run",
               file=sys.stderr)
-        runs = [r for r in runs if r.method != "dsl"]
+        runs = [r for r in runs if r[0].method != "dsl"]
     reps = []
-    for m in runs:
-        tcfg.name = f"demo-mf-{m.method}" + (f"-d{m.density:g}" if m.sparse else "")
+    for m, share in runs:
+        tcfg = TrainConfig(model="mf", epochs=epochs, batch_size=1024, lr=5e-3, reg=0.0,
+                           dim=32, loss="softmax", negatives=256, val_fraction=0.1,
+                           patience=3, device="auto", progress=progress, out=out,
+                           memory=share, name=f"demo-mf-{m.method}")
         reps.append(run_ranking(data, tcfg, m))
         print(f"  {tcfg.name}: Recall@20={reps[-1]['final']['recall@20']:.4f} "
               f"({reps[-1]['wall_time_s']:.1f} s)", flush=True)
     print()
-    _print_table([_summary_row(r) for r in reps])
+    rows = []
+    for r in reps:
+        row = _summary_row(r)
+        row["% of dense"] = f"{100 * r['memory']['share_of_full_dense']:.1f}%"
+        rows.append(row)
+    _print_table(rows)
+    if len(reps) == 3 and reps[0]["final"]["recall@20"]:
+        d, small, dsl = (r["final"]["recall@20"] for r in reps)
+        print(f"\nDSL at {memory:.0%} memory: {100 * dsl / d:.1f} % of dense Recall@20, "
+              f"{'ahead of' if dsl > small else 'behind'} dense-small "
+              f"({100 * small / d:.1f} % of dense)")
     _sweep_plot(out, "demo", reps, "recall@20")
     print(f"\nJSON and plots in {out}/")
     return reps
@@ -610,6 +637,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     nproc = getattr(a, "nproc", 1)
     if nproc < 1:
         parser.error("--nproc must be >= 1")
+    if getattr(a, "shard", None) and max(nproc, int(os.environ.get("WORLD_SIZE", "1"))) < 2:
+        parser.error("--shard needs --nproc >= 2")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(argv, nproc)
 
