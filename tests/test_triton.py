@@ -325,12 +325,12 @@ for D, B, mode, vt, it in [(128, 8, 0, "fp32", "i64"), (128, 1, 2, "bf16", "i32"
     cfg = tile_config(NB, B, 20)
     common = dict(B=B, NB=NB, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB)
     build(L._lookup_kernel, [f"*{vt}"] + ptrs + [f"*{it}", f"*{it}", f"*{vt}", f"*{vt}", "*i64",
-                                                 "i32", "i32"],
+                                                 "i32", "i32", "i64"],
           dict(common, G=cfg.G, MODE=mode, HAS_PSW=mode == 0, SLOT64=False),
           cfg.num_warps)
     build(BW._backward_atomic_kernel,
           [f"*{vt}"] + ptrs + [f"*{it}", f"*{it}", f"*{vt}", "*i64", "*u8", "*fp32", "i32",
-                               "i32"],
+                               "i32", "i64"],
           dict(common, G=cfg.G, MODE=mode, HAS_PSW=mode == 0, HAS_FROZEN=True,
                SLOT64=False), cfg.num_warps)
     for epi in (0, 1):
@@ -339,9 +339,10 @@ for D, B, mode, vt, it in [(128, 8, 0, "fp32", "i64"), (128, 1, 2, "bf16", "i32"
         out_t = "*fp32" if epi else f"*{vt}"
         build(S._items_kernel,
               [f"*{vt}", "*i64", "*i64", "*i64", "*fp32", "*i64", "*i64", "*i64", "*i32",
-               "*i64", "*fp32", out_t, "*u8"] + ptrs,
+               "*i64", "*fp32", out_t, "*u8"] + ptrs + ["i64"],
               dict(cc, BE=8, MODE=mode, EPI=epi, HAS_FROZEN=epi == 0), c.num_warps)
-        build(S._merge_kernel, ["*fp32", "*i64", "*i64", "*i64", "*i64", out_t, "*u8"] + ptrs,
+        build(S._merge_kernel, ["*fp32", "*i64", "*i64", "*i64", "*i64", out_t, "*u8"] + ptrs
+              + ["i64"],
               dict(cc, BI=8, EPI=epi, HAS_FROZEN=epi == 0), c.num_warps)
     build(R._mask_kernel, ["*i64", "*i64", "i64", "i64"], dict(NB=NB, W=W, BLOCK=1024))
 print("compiled")
@@ -362,3 +363,34 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_out_of_range_rows_read_and_write_nothing(device):
+    """validate=False or torch.compile skip the index checks: the kernels must mask rows outside
+    [0, N) themselves. The row index sits inside larger buffers whose guard rows name real slots,
+    so any read at an unchecked row would show up in the results."""
+    N, NB, B = 6, 4, 2
+    coord = torch.arange(N * NB, device=device)  # every block active
+    values = torch.randn(N * NB, B, device=device)
+    rp, rs, rm = reference.rebuild_index(coord, N, NB)
+    rm_big = torch.full((3 * N, 1), -1, dtype=torch.int64, device=device)  # all bits set
+    rm_big[N:2 * N] = rm
+    rp_big = torch.zeros(3 * N + 1, dtype=torch.int32, device=device)
+    rp_big[N:2 * N + 1] = rp
+    rm, rp = rm_big[N:2 * N], rp_big[N:2 * N + 1]
+    idx = torch.tensor([N, N + 3, 2 * N - 1, -1, -N], device=device)
+    off = torch.arange(idx.numel() + 1, device=device)
+    out, _ = tb.lookup(values, rp, rs, rm, idx, off, None, NB, 0, -1)
+    assert torch.equal(out, torch.zeros_like(out))
+    g = torch.ones(idx.numel(), NB * B, device=device)
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    for det in (False, True):
+        grad = tb.lookup_backward(g, values, rp, rs, rm, idx, off, None, empty, None, NB, 0, -1,
+                                  det)
+        assert torch.equal(grad, torch.zeros_like(grad)), det
+    before = values.clone()
+    s = torch.empty(0, device=device)
+    skipped = tb.fused_update(g, values, rp, rs, rm, idx, off, None, empty, None, s, s, NB, 0,
+                              -1, 0, 1.0, 0.9, 0.999, 0.0, 0.0, 1, 0)  # SGD, lr 1
+    assert torch.equal(values, before) and int(skipped) == 0

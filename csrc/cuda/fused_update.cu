@@ -134,6 +134,9 @@ __global__ void update_kernel(FusedArgs a, bool from_partial) {
   if (q >= (from_partial ? a.num_heavy : a.num_light)) return;
   const int64_t r = from_partial ? a.heavy[q] : a.light[q];
   const int64_t row = a.run_rows[r];
+  // Unvalidated input (validate=False, torch.compile) may name rows outside the table: such a
+  // run updates nothing instead of reading the index (and writing slots) out of bounds.
+  if (row < 0 || row >= a.num_rows) return;
   const uint64_t* m = reinterpret_cast<const uint64_t*>(a.row_mask) + row * W;
   const int64_t pos0 = a.row_ptr[row];
 

@@ -42,6 +42,7 @@ struct FusedArgs {
   int64_t* skipped;  // [1] non-finite updates skipped (atomic add)
   // Sizes and hyper-parameters.
   int64_t C, B, D, NB, W;
+  int64_t num_rows;  // N: a run row outside [0, N) is skipped (never read or written)
   int mode;  // 0 sum, 1 mean, 2 max
   int value_type;
   int optimizer;  // 0 sgd, 1 adagrad, 2 row-wise adagrad, 3 adam, 4 adamw

@@ -129,6 +129,7 @@ at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values
   a.D = D;
   a.NB = num_blocks;
   a.W = row_mask.size(1);
+  a.num_rows = row_mask.size(0);
   a.mode = static_cast<int>(mode);
   a.value_type = values.scalar_type() == at::kHalf       ? dsl_fused_cuda::kF16
                  : values.scalar_type() == at::kBFloat16 ? dsl_fused_cuda::kBF16

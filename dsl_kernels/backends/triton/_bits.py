@@ -28,9 +28,12 @@ def popcount64(x):
 
 
 @triton.jit
-def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, rvalid, j, jvalid,
+def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, rvalid, j, jvalid, num_rows,
                  W: tl.constexpr):
     """Slot (int32) of block ``(row, j)`` and whether it is active.
+
+    A row outside ``[0, num_rows)`` is inactive and reads nothing: no kernel reads the row index
+    (or writes the slot it would name) at an unchecked row, whatever the validation flags.
 
     ``row`` (int64) and ``rvalid`` have the row-level shape (e.g. ``[G, 1, 1]``), ``j`` and
     ``jvalid`` the block-level one (e.g. ``[1, NBT, 1]``); results have the broadcast shape.
@@ -39,6 +42,7 @@ def resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row, rvalid, j, jvali
     """
     j = j.to(tl.int64)
     b = j & 63
+    rvalid = rvalid & (row >= 0) & (row < num_rows)
     base = row * W
     valid = rvalid & jvalid
     if W == 1:

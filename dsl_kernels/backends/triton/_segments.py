@@ -103,12 +103,12 @@ def build_segments(indices: Tensor, offsets: Tensor, per_sample_weights: Optiona
 
 @triton.jit
 def _epilogue(tot, row, dst, out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr,
-              j2, c2, B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, EPI: tl.constexpr,
+              num_rows, j2, c2, B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, EPI: tl.constexpr,
               HAS_FROZEN: tl.constexpr):
     jvalid = j2 < NB  # [NBT, 1]
     row2 = row + tl.zeros([1, 1], tl.int64)  # a [1, 1] block: tl.load needs block pointers
     slot, active = resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, row2, row2 >= 0, j2,
-                                jvalid, W)
+                                jvalid, num_rows, W)
     slot = slot.to(tl.int64)
     if EPI == 0:
         m = active & (c2 < B)
@@ -126,7 +126,7 @@ def _epilogue(tot, row, dst, out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, ro
 @triton.jit
 def _items_kernel(grad_out_ptr, max_idx_ptr, perm_ptr, ebag_ptr, escale_ptr, item_start_ptr,
                   item_end_ptr, item_row_ptr, item_final_ptr, item_dst_ptr, partial_ptr,
-                  out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr,
+                  out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, num_rows,
                   B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, NBT: tl.constexpr,
                   BP: tl.constexpr, CB: tl.constexpr, BE: tl.constexpr, MODE: tl.constexpr,
                   EPI: tl.constexpr, HAS_FROZEN: tl.constexpr):
@@ -163,7 +163,7 @@ def _items_kernel(grad_out_ptr, max_idx_ptr, perm_ptr, ebag_ptr, escale_ptr, ite
     tot = tl.sum(acc, 0)  # [NBT, BP], fixed reduction tree
     if final != 0:
         _epilogue(tot, row, dst, out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr,
-                  j[:, None], c[None, :], B, NB, W, EPI, HAS_FROZEN)
+                  num_rows, j[:, None], c[None, :], B, NB, W, EPI, HAS_FROZEN)
     else:
         tl.store(partial_ptr + dst * D + j[:, None] * B + c[None, :], tot,
                  mask=(j[:, None] < NB) & (c[None, :] < B))
@@ -171,7 +171,7 @@ def _items_kernel(grad_out_ptr, max_idx_ptr, perm_ptr, ebag_ptr, escale_ptr, ite
 
 @triton.jit
 def _merge_kernel(partial_ptr, multi_first_ptr, multi_count_ptr, multi_row_ptr, multi_u_ptr,
-                  out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr,
+                  out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, num_rows,
                   B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, NBT: tl.constexpr,
                   BP: tl.constexpr, CB: tl.constexpr, BI: tl.constexpr, EPI: tl.constexpr,
                   HAS_FROZEN: tl.constexpr):
@@ -195,7 +195,7 @@ def _merge_kernel(partial_ptr, multi_first_ptr, multi_count_ptr, multi_row_ptr, 
                        other=0.0)
     tot = tl.sum(acc, 0)
     _epilogue(tot, row, u, out_ptr, frozen_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr,
-              j[:, None], c[None, :], B, NB, W, EPI, HAS_FROZEN)
+              num_rows, j[:, None], c[None, :], B, NB, W, EPI, HAS_FROZEN)
 
 
 def segment_reduce(seg: RowSegments, grad_out: Tensor, max_idx: Tensor, out: Tensor,
@@ -217,11 +217,11 @@ def segment_reduce(seg: RowSegments, grad_out: Tensor, max_idx: Tensor, out: Ten
     _items_kernel[(I, cfg.n_col_tiles)](
         grad_out, mi, seg.perm, seg.ebag, seg.escale, seg.item_start, seg.item_end,
         seg.item_row, seg.item_final, seg.item_dst, partial, out, fz, row_ptr, row_slots,
-        row_mask, B=B, NB=NB, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB, BE=BE, MODE=mode,
+        row_mask, row_mask.shape[0], B=B, NB=NB, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB, BE=BE, MODE=mode,
         EPI=epi, HAS_FROZEN=frozen is not None, num_warps=cfg.num_warps)
     M = seg.multi_first.numel()
     if M:
         _merge_kernel[(M, cfg.n_col_tiles)](
             partial, seg.multi_first, seg.multi_count, seg.multi_row, seg.multi_u, out, fz,
-            row_ptr, row_slots, row_mask, B=B, NB=NB, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB,
+            row_ptr, row_slots, row_mask, row_mask.shape[0], B=B, NB=NB, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB,
             BI=BE, EPI=epi, HAS_FROZEN=frozen is not None, num_warps=cfg.num_warps)

@@ -84,7 +84,7 @@ def _partial_kernel(grad_out_ptr, perm_ptr, bag_ptr, scale_ptr, max_idx_ptr, chu
 def _update_kernel(grad_out_ptr, values_ptr, state1_ptr, state2_ptr, row_ptr_ptr, row_slots_ptr,
                    row_mask_ptr, perm_ptr, run_start_ptr, run_rows_ptr, run_ids_ptr, bag_ptr,
                    scale_ptr, max_idx_ptr, frozen_ptr, partial_ptr, chunk_ptr_ptr, skipped_ptr,
-                   D, B, NB, lr, beta1, beta2, eps, weight_decay, step_size,
+                   D, B, NB, num_rows, lr, beta1, beta2, eps, weight_decay, step_size,
                    W: tl.constexpr, MODE_MAX: tl.constexpr, OPT: tl.constexpr,
                    NAN_CHECK: tl.constexpr, HAS_FROZEN: tl.constexpr,
                    FROM_PARTIAL: tl.constexpr, NB_P: tl.constexpr, B_P: tl.constexpr,
@@ -98,7 +98,7 @@ def _update_kernel(grad_out_ptr, values_ptr, state1_ptr, state2_ptr, row_ptr_ptr
     kvalid = k < B
     rowv = row + j.to(tl.int64) * 0  # the row as a tile: every load is a block load
     slot, active = resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr, rowv, rowv >= 0, j,
-                                jvalid, W)
+                                jvalid, num_rows, W)
     slot = slot.to(tl.int64)
     if HAS_FROZEN:
         fz = tl.load(frozen_ptr + slot, mask=active, other=0)
@@ -198,7 +198,7 @@ def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: T
     fz = frozen.contiguous().view(torch.uint8) if frozen is not None else skipped
     light, heavy, chunk_lo, chunk_hi, chunk_ptr = split_heavy_runs(run_start, CHUNK)
     nw = 4 if NB_P * B_P >= 256 else 1
-    common = dict(D=D, B=B, NB=num_blocks, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    common = dict(D=D, B=B, NB=num_blocks, num_rows=row_mask.shape[0], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay,
                   step_size=adam_step_size(lr, beta1, beta2, step), W=W, MODE_MAX=is_max,
                   OPT=optimizer, NAN_CHECK=nan_policy != NAN_IGNORE,

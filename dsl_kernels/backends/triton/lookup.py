@@ -27,9 +27,9 @@ from ._config import tile_config
 
 # Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
 # compiled variants).
-@triton.jit(do_not_specialize=["num_bags", "padding_idx"])
+@triton.jit(do_not_specialize=["num_bags", "padding_idx", "num_rows"])
 def _lookup_kernel(values_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices_ptr,
-                   offsets_ptr, psw_ptr, out_ptr, max_idx_ptr, num_bags, padding_idx,
+                   offsets_ptr, psw_ptr, out_ptr, max_idx_ptr, num_bags, padding_idx, num_rows,
                    B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, NBT: tl.constexpr,
                    BP: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr,
                    HAS_PSW: tl.constexpr, SLOT64: tl.constexpr):
@@ -53,7 +53,7 @@ def _lookup_kernel(values_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices
         cnt += keep.to(tl.int32)
         keep3 = keep[:, None, None]
         slot, active = resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr,
-                                    idx[:, None, None], keep3, j3, jvalid, W)
+                                    idx[:, None, None], keep3, j3, jvalid, num_rows, W)
         if SLOT64:
             slot = slot.to(tl.int64)
         v = tl.load(values_ptr + slot * B + c3, mask=active & cvalid, other=0.0).to(tl.float32)
@@ -126,7 +126,7 @@ def lookup(values: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
     _lookup_kernel[grid](
         values, row_ptr, row_slots, row_mask, indices, offsets,
         psw if psw is not None else values, out, max_idx if mode == MODE_MAX else out,
-        num_bags, padding_idx,
+        num_bags, padding_idx, row_mask.shape[0],
         B=B, NB=num_blocks, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB, G=cfg.G, MODE=mode,
         HAS_PSW=psw is not None and mode != MODE_MAX,
         SLOT64=values.numel() >= 2 ** 31,

@@ -35,10 +35,10 @@ from ._segments import build_segments, segment_reduce
 
 # Sizes and padding_idx are not specialised on (divisibility by 16 would only multiply the
 # compiled variants).
-@triton.jit(do_not_specialize=["num_bags", "padding_idx"])
+@triton.jit(do_not_specialize=["num_bags", "padding_idx", "num_rows"])
 def _backward_atomic_kernel(grad_out_ptr, row_ptr_ptr, row_slots_ptr, row_mask_ptr, indices_ptr,
                             offsets_ptr, psw_ptr, max_idx_ptr, frozen_ptr, grad_ptr, num_bags,
-                            padding_idx, B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr,
+                            padding_idx, num_rows, B: tl.constexpr, NB: tl.constexpr, W: tl.constexpr,
                             NBT: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr,
                             G: tl.constexpr, MODE: tl.constexpr, HAS_PSW: tl.constexpr,
                             HAS_FROZEN: tl.constexpr,
@@ -70,7 +70,7 @@ def _backward_atomic_kernel(grad_out_ptr, row_ptr_ptr, row_slots_ptr, row_mask_p
         keep = keep & (idx != padding_idx)  # -1 (no padding) never matches
         keep3 = keep[:, None, None]
         slot, active = resolve_slot(row_mask_ptr, row_ptr_ptr, row_slots_ptr,
-                                    idx[:, None, None], keep3, j3, jvalid, W)
+                                    idx[:, None, None], keep3, j3, jvalid, num_rows, W)
         if SLOT64:
             slot = slot.to(tl.int64)
         if HAS_FROZEN:
@@ -150,7 +150,7 @@ def lookup_backward(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots
         grad_out, row_ptr, row_slots, row_mask, indices, offsets,
         psw if psw is not None else grad_out, max_idx if mode == MODE_MAX else grad_out,
         frozen.view(torch.uint8) if frozen is not None else grad, grad, num_bags, padding_idx,
-        B=B, NB=num_blocks, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB, G=cfg.G, MODE=mode,
+        row_mask.shape[0], B=B, NB=num_blocks, W=W, NBT=cfg.NBT, BP=cfg.BP, CB=cfg.CB, G=cfg.G, MODE=mode,
         HAS_PSW=psw is not None and mode != MODE_MAX,
         HAS_FROZEN=frozen is not None, SLOT64=grad.numel() >= 2 ** 31,
         num_warps=cfg.num_warps)
