@@ -33,6 +33,9 @@ row, ``s_i``/``s_v`` index/value element bytes, ``C`` slots)::
 GB/s = bytes / median time; "%copy" = GB/s / measured device-to-device copy GB/s (read + write).
 "x dense" = dense ``nn.EmbeddingBag`` time / this time (> 1: the sparse op is faster). Dense
 backward is the ``sparse=False`` weight gradient (``[N, D]``, as ``nn.EmbeddingBag`` defaults).
+Peers on the same indices, in the same run: ``dense_sparse`` (``nn.EmbeddingBag(sparse=True)``,
+a COO gradient of the batch's rows; column "x sparse") and ``fbgemm_sgd`` (FBGEMM's TBE with
+``EXACT_SGD`` at lr 0 fused into its backward, when ``fbgemm_gpu`` imports; "x fbgemm").
 
 Outputs ``bench/results/kernels_<device>.csv`` / ``.md`` / ``.png`` (GB/s vs density) and prints
 the markdown table. A failing configuration (out of memory, compile error) is reported in the
@@ -62,7 +65,7 @@ from bench.common import (device_tag, env_header, markdown_table, measure_copy_b
 BATCH = 65536
 ZIPF_S = 1.05
 COLUMNS = ["op", "N", "D", "B", "density", "bag", "dist", "backend", "ms", "GB/s", "%copy",
-           "dense_ms", "x dense", "note"]
+           "dense_ms", "x dense", "x sparse", "x fbgemm", "note"]
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,10 @@ def run_config(cfg: Config, backends, device: str, timer, copy_gbs: float, ops: 
     g = torch.randn(cfg.batch, cfg.D, device=device, dtype=dtype, generator=gen)
     no_max = torch.empty(0, dtype=torch.int64, device=device)
 
-    # Dense nn.EmbeddingBag on the same indices (weight [N, D], sparse=False gradient).
+    # Dense nn.EmbeddingBag on the same indices (weight [N, D], sparse=False gradient), and the
+    # peers: the same table with sparse=True, FBGEMM's TBE when it imports.
     dense_ms: Dict[str, Optional[float]] = {}
+    peer_ms: Dict[str, Dict[str, float]] = {}
     try:
         weight = torch.randn(cfg.N, cfg.D, device=device, dtype=dtype, generator=gen,
                              requires_grad=True)
@@ -233,14 +238,28 @@ def run_config(cfg: Config, backends, device: str, timer, copy_gbs: float, ops: 
         t_b = timer(lambda: torch.autograd.grad(out_d, weight, g, retain_graph=True))
         t_fb = timer(lambda: torch.autograd.grad(dense_fwd(), weight, g))
         dense_ms = {"fwd": t_f, "bwd": t_b, "fwdbwd": t_fb}
-        del out_d, weight
+        # The same table with nn.EmbeddingBag(sparse=True)'s gradient (COO rows of the batch).
+        out_s = F.embedding_bag(idx, weight, offsets, mode="sum", include_last_offset=True,
+                                sparse=True)
+        t_sb = timer(lambda: torch.autograd.grad(out_s, weight, g, retain_graph=True))
+        t_sfb = timer(lambda: torch.autograd.grad(
+            F.embedding_bag(idx, weight, offsets, mode="sum", include_last_offset=True,
+                            sparse=True), weight, g))
+        peer_ms["dense_sparse"] = {"fwd": t_f, "bwd": t_sb, "fwdbwd": t_sfb}
+        del out_d, out_s, weight
     except Exception as e:  # e.g. out of memory at N = 1e7: report, keep going
         note = f"dense failed: {type(e).__name__}: {str(e)[:80]}"
         rows.append(dict(base, op="-", backend="dense", note=note))
         dense_ms = {}
+    peer_ms.update(_fbgemm_ms(cfg, idx, offsets, g, device, timer))
     for op in ops:
         if op in dense_ms:
             rows.append(dict(base, op=op, backend="dense", ms=dense_ms[op]))
+        for peer, ms in peer_ms.items():
+            if op in ms:
+                rows.append(dict(base, op=op, backend=peer, ms=ms[op],
+                                 **({"x dense": dense_ms[op] / ms[op]} if op in dense_ms
+                                    else {})))
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -270,6 +289,9 @@ def run_config(cfg: Config, backends, device: str, timer, copy_gbs: float, ops: 
                 if dense_ms.get(op):
                     row["dense_ms"] = dense_ms[op]
                     row["x dense"] = dense_ms[op] / ms
+                for peer, col in (("dense_sparse", "x sparse"), ("fbgemm_sgd", "x fbgemm")):
+                    if op in peer_ms.get(peer, {}):
+                        row[col] = peer_ms[peer][op] / ms
             except Exception as e:
                 row["note"] = f"failed: {type(e).__name__}: {str(e)[:100]}"
                 traceback.print_exc(limit=2, file=sys.stderr)
@@ -280,6 +302,26 @@ def run_config(cfg: Config, backends, device: str, timer, copy_gbs: float, ops: 
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _fbgemm_ms(cfg: Config, idx, offsets, g, device: str, timer) -> Dict[str, Dict[str, float]]:
+    """FBGEMM TBE (dense table, EXACT_SGD fused into its backward) on the same indices:
+    ``{"fbgemm_sgd": {"fwd": ms, "fwdbwd": ms}}``, or {} when fbgemm_gpu does not import. Its
+    backward always applies the optimizer, so there is no separate "bwd" figure."""
+    from bench.peers import fbgemm_tbe
+
+    try:
+        tbe = fbgemm_tbe(cfg.N, cfg.D, "sgd", lr=0.0, device=device)
+        if tbe is None:
+            return {}
+        with torch.no_grad():
+            t_f = timer(lambda: tbe(idx, offsets))
+        t_fb = timer(lambda: tbe(idx, offsets).backward(g))
+        del tbe
+    except Exception as e:  # a peer failing must not stop the benchmark
+        print(f"fbgemm failed: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
+        return {}
+    return {"fbgemm_sgd": {"fwd": t_f, "fwdbwd": t_fb}}
 
 
 def summarize(rows: List[dict]) -> str:
