@@ -261,6 +261,13 @@ class BlockSparseBase(nn.Module):
         self.values[k.numel():] = 0
         self.rebuild_index()
 
+    def table_layout(self) -> Tensor:
+        """``int64[T, 4]``: ``row_start, num_rows, num_blocks, padding_row`` (global, -1 for
+        none) per table, the limits ``dsl::prune_regrow_`` checks grown blocks against."""
+        return torch.tensor([[t.row_start, t.num_rows, t.num_blocks,
+                              -1 if t.padding_idx is None else t.row_start + t.padding_idx]
+                             for t in self.tables], dtype=torch.int64, device=self.coord.device)
+
     def table_slots(self, t: TableSpec) -> Tensor:
         """Slots (int64) holding blocks of table ``t``."""
         lo = t.row_start * self.num_blocks

@@ -328,3 +328,28 @@ def test_padding_row_never_grown():
     for _ in range(50):
         sched.step()
         assert not ((emb.coord // emb.num_blocks) == 2).any()
+
+
+def test_prune_regrow_rejects_blocks_outside_their_table_and_padding_rows():
+    """With the pool's table layout the op refuses candidates a module cannot hold (a column past
+    a narrower table's width, the padding row), before writing anything."""
+    ebc = SparseEmbeddingBagCollection([TableConfig("wide", 10, 16), TableConfig("narrow", 10, 8)],
+                                       density=0.3, block_size=4)  # NB 4 and 2; pool NB = 4
+    emb = SparseEmbeddingBag(10, 8, density=0.3, block_size=4, padding_idx=3)
+    for m, bad_key in ((ebc, 10 * 4 + 3), (emb, 3 * 2 + 1)):  # narrow row 0 col 3; padding row
+        layout = m.table_layout()
+        assert layout.shape == (len(m.tables), 4)
+        free = torch.nonzero(~torch.isin(torch.arange(m.num_rows * m.num_blocks), m.coord))[:, 0]
+        c0, v0 = m.coord.clone(), m.values.detach().clone()
+        with torch.no_grad(), pytest.raises(ValueError, match=r"cand_keys\[1\].*outside table"):
+            prune_regrow_(m.values, m.coord, m.row_mask, torch.tensor([int(free[0]), bad_key]),
+                          torch.tensor([1.0, 2.0]), 1, m.num_blocks, None, "reference", layout)
+        assert torch.equal(m.coord, c0) and torch.equal(m.values, v0)
+    # A valid candidate goes through, and the module still loads its own state.
+    good = int(torch.nonzero(~torch.isin(torch.arange(40), ebc.coord))[0, 0])  # a "wide" block
+    with torch.no_grad():
+        prune_regrow_(ebc.values, ebc.coord, ebc.row_mask, torch.tensor([good]),
+                      torch.tensor([1.0]), 1, ebc.num_blocks, None, "reference",
+                      ebc.table_layout())
+    assert good in ebc.coord.tolist()
+    ebc.load_state_dict(ebc.state_dict())

@@ -381,6 +381,55 @@ def test_resume_is_bit_exact(name):
     assert s1 == s2 and s1["moved_blocks"] > 0
 
 
+def _pool_snapshot(ebc, opt):
+    return ([ebc.values.detach().clone(), ebc.coord.clone(), ebc.row_ptr.clone()]
+            + [v.clone() for v in opt.state[ebc.values].values()])
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_scheduler_load_state_dict_is_all_or_nothing():
+    """A state the scheduler cannot take leaves pool, optimizer and scheduler as they were (it
+    used to empty a dense-to-sparse pool and drop its optimizer state before failing)."""
+    cfg = RESUME_CFGS["dense_to_sparse"]
+    ebc, opt, sched, tables = _build(cfg, 0)
+    _train(ebc, opt, sched, tables, 0, 11)  # compacted: the saved budget is smaller
+    good = sched.state_dict()
+    fresh, fopt, fsched, _ = _build(dict(cfg, skip_stale=True), 1)
+    _train(fresh, fopt, fsched, tables, 0, 1)
+    before, step0 = _pool_snapshot(fresh, fopt), fsched.step_count
+    with pytest.raises(ValueError, match="without skip_stale"):
+        fsched.load_state_dict(good)  # fails after the budget check
+    assert _same(_pool_snapshot(fresh, fopt), before) and fsched.step_count == step0
+    # load_checkpoint: a model state that does not load rolls the scheduler's resize back too.
+    bad_model = ebc.state_dict()
+    bad_model["coord"] = bad_model["coord"].clone()
+    bad_model["coord"][0] = bad_model["coord"][1]  # a block twice
+    fresh2, fopt2, fsched2, _ = _build(cfg, 2)
+    _train(fresh2, fopt2, fsched2, tables, 0, 1)
+    before, step0 = _pool_snapshot(fresh2, fopt2), fsched2.step_count
+    with pytest.raises(ValueError, match="twice"):
+        load_checkpoint({"model": bad_model, "optimizer": opt.state_dict(), "scheduler": good},
+                        fresh2, fopt2, fsched2)
+    assert _same(_pool_snapshot(fresh2, fopt2), before) and fsched2.step_count == step0
+
+
+def test_stats_report_requested_and_actual_moves():
+    """Growth with too few candidates moves fewer blocks than scheduled: stats() says both."""
+    emb = SparseEmbeddingBag(50, 8, mode="sum", density=0.5, block_size=2, backend="reference")
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    sched = DSLScheduler(emb, opt, update_every=1, prune_fraction=0.5, stop_at=100)
+    opt.zero_grad()
+    emb(torch.tensor([[1, 2]])).sum().backward()  # two rows: at most 2 * 4 inactive candidates
+    opt.step()
+    sched.step()
+    s = sched.stats()
+    assert s["requested_moves"] == int(round(cosine_update_fraction(1, 0.5, 100) * emb.budget))
+    assert 0 < s["moved_blocks"] <= 8 < s["requested_moves"]
+
+
 # ------------------------------------------------------------------------------ memory
 
 

@@ -2,6 +2,7 @@
 pool of a model. See :mod:`dsl_kernels.sparsity` for the methods and a usage example."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -181,7 +182,10 @@ class DSLScheduler:
         self.reset_optimizer = bool(reset_optimizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
-        self._stats: Dict[str, Any] = {"mask_updates": 0, "moved_blocks": 0, "compactions": 0,
+        # requested_moves: blocks the schedule asked to move; moved_blocks: blocks that moved
+        # (fewer when there are not enough growable candidates, e.g. zero gradient scores).
+        self._stats: Dict[str, Any] = {"mask_updates": 0, "requested_moves": 0,
+                                       "moved_blocks": 0, "compactions": 0,
                                        "nonfinite_skips": 0, "last_update_fraction": 0.0}
 
         params = (set() if optimizer is None
@@ -339,9 +343,12 @@ class DSLScheduler:
     def _regrow(self, pool: _Pool, frac: float) -> None:
         m = pool.module
         backend = m.backend_for()
+        layout = m.table_layout()  # grown blocks must fit their table (columns, padding row)
         slots_all = []
+        requested = 0
         if self.distribution == "global" or len(m.tables) == 1:
             k = int(round(frac * m.num_active_blocks))
+            requested += k
             keys, scores = self._candidates(pool, m.tables, k)
             # Extension point: a pool that is one shard of a larger collection (see
             # dsl_kernels.torchrec) defines ``dsl_prune_regrow_(keys, scores, fraction) -> slots``
@@ -351,7 +358,7 @@ class DSLScheduler:
                 slots_all.append(sharded(keys, scores, frac))
             elif k > 0:
                 slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
-                                         m.num_blocks, None, backend)
+                                         m.num_blocks, None, backend, layout)
                 slots_all.append(slots)
         else:
             if self.grow == "gradient":
@@ -360,6 +367,7 @@ class DSLScheduler:
             for j, t in enumerate(m.tables):
                 ps = m.table_slots(t)
                 k = int(round(frac * ps.numel()))
+                requested += max(k, 0)
                 if k <= 0:
                     continue
                 if self.grow == "gradient":
@@ -367,7 +375,7 @@ class DSLScheduler:
                 else:
                     tk, ts = self._candidates(pool, [t], k)
                 slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, tk, ts, k,
-                                         m.num_blocks, ps, backend)
+                                         m.num_blocks, ps, backend, layout)
                 slots_all.append(slots)
         pool.acc.clear()
         slots = torch.cat(slots_all) if slots_all else m.coord.new_empty(0)
@@ -387,6 +395,7 @@ class DSLScheduler:
             elif m.frozen is not None:
                 m.frozen[slots] = False
             rebuild_index_lean(m)
+        self._stats["requested_moves"] = self._stats.get("requested_moves", 0) + requested
         self._stats["moved_blocks"] += int(slots.numel())
 
     def _init_grown(self, m: BlockSparseBase, slots: Tensor) -> None:
@@ -478,18 +487,53 @@ class DSLScheduler:
             } for p in self.pools],
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Call it BEFORE ``model.load_state_dict``: a pool the
-        checkpoint recorded smaller (dense_to_sparse compaction) is resized first so the model's
-        state dict fits."""
+    def _check_state(self, state: Dict[str, Any]) -> None:
+        """Every check :meth:`load_state_dict` needs, before anything is written."""
         if len(state["pools"]) != len(self.pools):
             raise ValueError(f"the checkpoint has {len(state['pools'])} sparse pools, this "
                              f"scheduler drives {len(self.pools)}")
         for i, (p, sd) in enumerate(zip(self.pools, state["pools"])):
+            if sd["budget"] != p.module.budget and self.schedule != "dense_to_sparse":
+                raise ValueError(f"pool {i} has {p.module.budget} slots but the checkpoint "
+                                 f"{sd['budget']}; only dense_to_sparse changes the budget")
+            if p.tracker is not None and sd["tracker"] is None:
+                raise ValueError(f"pool {i}: the checkpoint was written without skip_stale")
+            if sd["frozen"] is not None and tuple(sd["frozen"].shape) != (sd["budget"],):
+                raise ValueError(f"pool {i}: frozen flags of shape {tuple(sd['frozen'].shape)} "
+                                 f"do not match the budget {sd['budget']}")
+
+    def _backup(self) -> Dict[str, Any]:
+        """What :meth:`load_state_dict` (and :func:`load_checkpoint`) may overwrite."""
+        opt_state = {} if self.optimizer is None else self.optimizer.state
+        return {"state": self.state_dict(),
+                "pools": [p.module.pool_tensors() for p in self.pools],
+                "opt_rows": [opt_state.get(p.module.values) for p in self.pools]}
+
+    def _restore(self, backup: Dict[str, Any]) -> None:
+        for p, saved, rows in zip(self.pools, backup["pools"], backup["opt_rows"]):
+            if saved["values"].shape != p.module.values.shape:
+                p.module.restore_pool_tensors(saved)
+            if rows is not None:
+                self.optimizer.state[p.module.values] = rows
+        self._load(backup["state"])
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Call it BEFORE ``model.load_state_dict``: a pool the
+        checkpoint recorded smaller (dense_to_sparse compaction) is resized first so the model's
+        state dict fits (:func:`load_checkpoint` does the three loads all-or-nothing).
+        All or nothing: a state that does not fit raises and leaves pools, optimizer state and
+        scheduler untouched."""
+        self._check_state(state)
+        backup = self._backup()
+        try:
+            self._load(state)
+        except Exception:
+            self._restore(backup)
+            raise
+
+    def _load(self, state: Dict[str, Any]) -> None:
+        for p, sd in zip(self.pools, state["pools"]):
             if sd["budget"] != p.module.budget:
-                if self.schedule != "dense_to_sparse":
-                    raise ValueError(f"pool {i} has {p.module.budget} slots but the checkpoint "
-                                     f"{sd['budget']}; only dense_to_sparse changes the budget")
                 resize_pool_(p.module, sd["budget"])
                 st = (None if self.optimizer is None
                       else self.optimizer.state.get(p.module.values))
@@ -500,8 +544,6 @@ class DSLScheduler:
             p.initial_density = sd["initial_density"]
             p.acc.load_state_dict(sd["acc"], p.module.coord.device)
             if p.tracker is not None:
-                if sd["tracker"] is None:
-                    raise ValueError("the checkpoint was written without skip_stale")
                 p.tracker.load_state_dict(sd["tracker"])
             else:
                 p.module.frozen = (None if sd["frozen"] is None
@@ -524,9 +566,20 @@ def load_checkpoint(checkpoint: Dict[str, Any], model: nn.Module,
                     optimizer: Optional[torch.optim.Optimizer], scheduler: DSLScheduler,
                     keys=("model", "optimizer", "scheduler")) -> None:
     """Load ``{"model": ..., "optimizer": ..., "scheduler": ...}`` in the order that works
-    (scheduler first: it resizes compacted pools)."""
+    (scheduler first: it resizes compacted pools), all or nothing: when one of the three loads
+    fails, model, optimizer and scheduler are put back as they were and the error is raised."""
     km, ko, ks = keys
-    scheduler.load_state_dict(checkpoint[ks])
-    model.load_state_dict(checkpoint[km])
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint[ko])
+    backup_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backup_opt = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
+    backup_sched = scheduler._backup()
+    try:
+        scheduler.load_state_dict(checkpoint[ks])
+        model.load_state_dict(checkpoint[km])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint[ko])
+    except Exception:
+        scheduler._restore(backup_sched)  # pool sizes first, so the model's state fits again
+        model.load_state_dict(backup_model)
+        if backup_opt is not None:
+            optimizer.load_state_dict(backup_opt)
+        raise
