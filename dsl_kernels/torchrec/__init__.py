@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "&& pip install tensordict torchmetrics==1.0.3 pyre-extensions iopath)") from e
 
 from .collection import TorchrecSparseEmbeddingBagCollection, from_torchrec, lookup_features
+from .model_parallel import ids_to_kjt, shard_model
 from .shard_pool import Piece, ShardPool
 from .sharding import ShardedSparseEmbeddingBagCollection, SparseEmbeddingBagCollectionSharder
 from .state import (full_state_dict, load_sharded, save_sharded, sharded_collections,
@@ -54,4 +55,6 @@ __all__ = [
     "sharded_collections",
     "save_sharded",
     "load_sharded",
+    "shard_model",
+    "ids_to_kjt",
 ]

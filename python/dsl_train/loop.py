@@ -65,6 +65,7 @@ class TrainConfig:
     val_fraction: float = 0.0      # share of each user's train items held out for selection
     patience: Optional[int] = None  # stop after this many evaluations without a better val
     memory: Optional[float] = None  # target share of the dense table's bytes (sets density/dim)
+    shard: Optional[str] = None     # dlrm --nproc: "row_wise"/"table_wise" tables (torchrec)
 
 
 def pick_device(name: str) -> torch.device:
@@ -263,6 +264,8 @@ def _save_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module, ct
     keeps the previous file). Global RNG states go in through ``dsl_kernels.save``; the
     scheduler's own generator is in its state dict; everything else the loop needs to go on is
     in ``extra``."""
+    if tcfg.checkpoint and tcfg.shard:
+        return _save_sharded_checkpoint(tcfg, mcfg, model, ctl, epoch, history)
     if not tcfg.checkpoint or dist_world()[0] != 0:
         return
     import dsl_kernels
@@ -279,6 +282,8 @@ def _load_checkpoint(tcfg: TrainConfig, mcfg: MethodConfig, model: nn.Module,
     import dsl_kernels
     from dsl_kernels.checkpoint import read_payload
 
+    if tcfg.shard:
+        return _load_sharded_checkpoint(tcfg, mcfg, model, ctl)
     meta = read_payload(tcfg.resume).get("extra", {})
     for key, want in (("model_kind", tcfg.model), ("method", mcfg.method)):
         if key in meta and meta[key] != want:
@@ -607,14 +612,20 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
     dev = pick_device(tcfg.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    tables = make_collection(mcfg, train.table_sizes, train.feature_names, tcfg.dim, device=dev)
-    model = DLRM(train.dense.shape[1], tables, tcfg.dim).to(dev)
-    batches = _shard(math.ceil(len(train) / tcfg.batch_size))
+    if tcfg.shard:
+        model = _sharded_dlrm(train, tcfg, mcfg, dev)  # DistributedModelParallel
+        # whole batches only: the ranks' batches must be equal for the row-wise collectives
+        batches = _shard(max(1, len(train) // tcfg.batch_size))
+    else:
+        tables = make_collection(mcfg, train.table_sizes, train.feature_names, tcfg.dim,
+                                 device=dev)
+        model = DLRM(train.dense.shape[1], tables, tcfg.dim).to(dev)
+        batches = _shard(math.ceil(len(train) / tcfg.batch_size))
     steps_per_epoch = len(batches)
     ctl = Controller(mcfg, model, make_optimizer_factory(tcfg), steps_per_epoch * tcfg.epochs,
                      tcfg.epochs)
     rank, world = dist_world()
-    step_model = _wrap_ddp(model, ctl, mcfg, tcfg, loss_module=False)
+    step_model = model if tcfg.shard else _wrap_ddp(model, ctl, mcfg, tcfg, loss_module=False)
     name = tcfg.name or (_run_name(tcfg, mcfg, train.name) + ("-skip" if mcfg.skip_stale else ""))
     rep = _base_report("dlrm", tcfg, mcfg, f"{train.name}: {len(train):,} train / "
                        f"{len(test):,} test rows, {len(train.table_sizes)} tables, "
@@ -651,7 +662,7 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
         note = ctl.end_epoch(ep)
         _sync(dev)
         dt = time.perf_counter() - t0
-        if rank == 0:  # under torchrun only rank 0 evaluates
+        if rank == 0 or tcfg.shard:  # rank 0 evaluates (sharded: every rank, collectives)
             last = _eval_ctr(model, test, dev)
             metric = f" auc={last['auc']:.4f}"
         else:
@@ -667,6 +678,86 @@ def run_ctr(train: CTRData, test: CTRData, tcfg: TrainConfig, mcfg: MethodConfig
     rep["memory"]["max_embedding_total_bytes"] = max(r["embedding_total_bytes"]
                                                      for r in rep["epochs"])
     return _save(rep, tcfg, {mcfg.method: [r["auc"] for r in rep["epochs"]]}, "auc")
+
+
+# ----------------------------------------------------------------------------- sharded CTR
+
+
+class _KJTTables(nn.Module):
+    """DLRM's tables as one torchrec collection (sharded by DMP): ``[B, F]`` ids -> ``[B, F, D]``."""
+
+    def __init__(self, collection: nn.Module, names: Sequence[str], dim: int):
+        super().__init__()
+        self.collection, self.names, self.dim = collection, list(names), dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        from dsl_kernels.torchrec import ids_to_kjt
+
+        kt = self.collection(ids_to_kjt(x, self.names))
+        return kt.values().view(x.shape[0], len(self.names), self.dim)
+
+
+def _sharded_dlrm(train: CTRData, tcfg: TrainConfig, mcfg: MethodConfig, dev) -> nn.Module:
+    """``--shard``: the DLRM with its tables sharded by torchrec (``dsl_kernels.torchrec``), the
+    same initial tables and mask as the one-process model; the MLPs data-parallel."""
+    if mcfg.method not in ("dsl", "static"):
+        raise ValueError(f"--shard: --method dsl or static (sparse from the first step), got "
+                         f"{mcfg.method!r}")
+    import dsl_kernels
+    from dsl_kernels.torchrec import shard_model
+    from torchrec import EmbeddingBagConfig
+
+    names, sizes = train.feature_names, train.table_sizes
+    base = make_collection(mcfg, sizes, names, tcfg.dim, device=dev).collection
+    ebc = dsl_kernels.SparseEmbeddingBagCollection.from_torchrec(
+        [EmbeddingBagConfig(name=n, num_embeddings=s, embedding_dim=tcfg.dim, feature_names=[n])
+         for n, s in zip(names, sizes)], density=mcfg.density, block_size=mcfg.block_size,
+        backend=mcfg.backend, device=dev)
+    ebc.load_state_dict(base.state_dict())
+    model = DLRM(train.dense.shape[1], _KJTTables(ebc, names, tcfg.dim), tcfg.dim).to(dev)
+    dmp = shard_model(model, tcfg.shard, device=dev)
+    dmp.embedding_modules = model.embedding_modules  # the reports find the (sharded) tables
+    return dmp
+
+
+def _save_sharded_checkpoint(tcfg, mcfg, model, ctl, epoch: int, history: list) -> None:
+    """Every rank writes its shards (torch.distributed.checkpoint) into a fresh folder that
+    then replaces ``tcfg.checkpoint``: a crash mid-write keeps the previous checkpoint."""
+    import shutil
+
+    import torch.distributed as dist
+    from dsl_kernels.torchrec import save_sharded
+
+    tmp, old = tcfg.checkpoint + ".writing", tcfg.checkpoint + ".old"
+    if dist.get_rank() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    save_sharded(tmp, model, ctl.optimizer, ctl.scheduler,
+                 extra={"epoch": epoch, "history": history, "model_kind": tcfg.model,
+                        "method": mcfg.method, "shard": tcfg.shard})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(tcfg.checkpoint):
+            os.replace(tcfg.checkpoint, old)
+        os.replace(tmp, tcfg.checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_sharded_checkpoint(tcfg, mcfg, model, ctl) -> Tuple[int, list, dict]:
+    from dsl_kernels.torchrec import load_sharded
+
+    extra = load_sharded(tcfg.resume, model, ctl.optimizer, ctl.scheduler)
+    for key, want in (("model_kind", tcfg.model), ("method", mcfg.method),
+                      ("shard", tcfg.shard)):
+        if extra.get(key) != want:
+            raise ValueError(f"--resume {tcfg.resume}: the checkpoint has {key}="
+                             f"{extra.get(key)!r}, this run {want!r}")
+    epoch = int(extra["epoch"])
+    if epoch > tcfg.epochs:
+        raise ValueError(f"--resume {tcfg.resume}: the checkpoint has {epoch} epochs done, "
+                         f"more than --epochs {tcfg.epochs}")
+    return epoch, [dict(r) for r in extra["history"]], extra
 
 
 # ----------------------------------------------------------------------------- streams
