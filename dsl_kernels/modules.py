@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .pool import BlockSparseBase, TableSpec, budget_for
 from .format import MODES
-from .validation import check_config, normalize_bags
+from .validation import _compiling, check_config, normalize_bags
 
 Init = Optional[Callable[[Tensor], object]]
 
@@ -250,35 +250,93 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
     def forward_jagged(self, keys: Sequence[str], values: Tensor, lengths: Tensor,
                        weights: Optional[Tensor] = None) -> Union[Dict[str, Tensor], Tensor]:
         """torchrec's KeyedJaggedTensor layout: ``lengths`` is ``[len(keys) * batch]``, key-major;
-        ``values`` holds the indices of all bags in that order."""
-        if lengths.numel() % max(1, len(keys)):
+        ``values`` holds the indices of all bags in that order.
+
+        The flat layout is looked up as it is (FBGEMM's table-batched offsets): one CSR over all
+        bags, global row ids from a per-key row offset; tables of another (dim, mode) group are
+        masked as padding instead of being cut out, so with ``validate=False`` nothing is read
+        back from the device."""
+        keys = list(keys)
+        unknown = [k for k in keys if k not in {t.name for t in self.tables}]
+        if unknown:
+            raise KeyError(f"keys name unknown tables {unknown}; tables: "
+                           f"{[t.name for t in self.tables]}")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be unique, got {keys}")
+        K = max(1, len(keys))
+        if lengths.dim() != 1 or lengths.numel() % K:
             raise ValueError(f"lengths has {lengths.numel()} entries, not a multiple of "
                              f"len(keys)={len(keys)}")
         if lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
-        if self.validate and lengths.numel() and bool((lengths < 0).any()):
-            raise ValueError("lengths must be non-negative")
-        batch = lengths.numel() // max(1, len(keys))
-        per_key = lengths.view(len(keys), batch).sum(1).tolist()
-        if sum(per_key) != values.numel():
-            raise ValueError(f"lengths sum to {sum(per_key)} but values has {values.numel()} "
-                             f"entries")
-        feats, start = {}, 0
-        for i, k in enumerate(keys):
-            ln = lengths[i * batch:(i + 1) * batch].to(values.dtype)
-            off = torch.zeros(batch + 1, dtype=values.dtype, device=values.device)
-            off[1:] = torch.cumsum(ln, 0)
-            w = None if weights is None else weights[start:start + per_key[i]]
-            feats[k] = (values[start:start + per_key[i]], off, w, True)
-            start += per_key[i]
-        return self._forward_tables(feats)
+        if values.dim() != 1 or values.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"values must be 1-D int32 or int64, got {values.dtype} "
+                            f"{tuple(values.shape)}")
+        if weights is not None and any(self.table(k).mode != "sum" for k in keys):
+            raise ValueError("weights (per-sample weights) are only supported for mode='sum' "
+                             "tables")
+        if weights is not None and weights.shape != values.shape:
+            raise ValueError(f"weights must have the shape of values {tuple(values.shape)}, got "
+                             f"{tuple(weights.shape)}")
+        dev = self.values.device
+        for name, t in (("values", values), ("lengths", lengths), ("weights", weights)):
+            if t is not None and t.device.type != dev.type:
+                raise ValueError(f"{name} is on {t.device} but the pool is on {dev}")
+        batch = lengths.numel() // K
+        tables = [self.table(k) for k in keys]
+        L = values.numel()
+        per_key = lengths.view(K, batch).sum(1) if keys else lengths.new_zeros(0)
+        check = self.validate and not _compiling()
+        if check:
+            if lengths.numel() and bool((lengths < 0).any()):
+                raise ValueError("lengths must be non-negative")
+            total = int(per_key.sum()) if keys else 0
+            if total != L:
+                raise ValueError(f"lengths sum to {total} but values has {L} entries")
+        key_of = torch.repeat_interleave(torch.arange(len(keys), device=dev), per_key,
+                                         output_size=L)
+        if check:
+            limit = torch.tensor([t.num_rows for t in tables], device=dev)[key_of]
+            bad = (values < 0) | (values >= limit)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0, 0])
+                raise IndexError(f"table {keys[int(key_of[i])]!r}: values[{i}] = "
+                                 f"{int(values[i])} is out of range for its "
+                                 f"{int(limit[i])} rows")
+            if weights is not None and not weights.is_floating_point():
+                raise TypeError(f"weights must be floating point, got {weights.dtype}")
+        rows = values.long() + torch.tensor([t.row_start for t in tables], dtype=torch.int64,
+                                            device=dev)[key_of]
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        groups: Dict[Tuple[int, str], List[int]] = {}
+        for i, t in enumerate(tables):
+            groups.setdefault((t.num_blocks, t.mode), []).append(i)
+        outs: Dict[str, Tensor] = {}
+        for (nb, mode), members in groups.items():
+            if len(members) == len(keys):
+                grows, pad = rows, None
+            else:
+                # Entries of the other groups' keys become padding: a row of one of their
+                # tables, which this group's entries never name.
+                pad = tables[next(i for i in range(len(keys)) if i not in members)].row_start
+                mine = torch.zeros(len(keys), dtype=torch.bool, device=dev)
+                mine[members] = True
+                grows = torch.where(mine[key_of], rows, torch.full_like(rows, pad))
+            out = self._lookup(grows, offsets, weights, nb, mode, pad)
+            pieces = out.split(batch) if batch else [out] * len(keys)
+            for i in members:
+                outs[keys[i]] = pieces[i]
+        if self.output == "concat":
+            return torch.cat([outs[t.name] for t in self.tables if t.name in outs], dim=1)
+        return outs
 
     def _as_triplet(self, name, v):
         if isinstance(v, Tensor):
-            return (v, None, None, False)
+            return (v, None, None)
         if isinstance(v, (tuple, list)) and 1 <= len(v) <= 3:
             v = tuple(v) + (None,) * (3 - len(v))
-            return (v[0], v[1], v[2], False)
+            return (v[0], v[1], v[2])
         raise TypeError(f"features[{name!r}] must be a tensor or (indices, offsets[, weights])")
 
     def _forward_tables(self, feats) -> Union[Dict[str, Tensor], Tensor]:
@@ -287,14 +345,12 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
         for t in self.tables:
             if t.name not in feats:
                 continue
-            inp, off, w, last = feats[t.name]
+            inp, off, w = feats[t.name]
             try:
-                i, o, p = normalize_bags(inp, off, w, t.mode, last, t.num_rows,
+                i, o, p = normalize_bags(inp, off, w, t.mode, False, t.num_rows,
                                          self.values.device, self.validate)
             except (ValueError, IndexError, TypeError) as e:
                 raise type(e)(f"table {t.name!r}: {e}") from None
-            if last and o.numel() and int(o[-1]) < i.numel():  # trailing entries are ignored
-                i, p = i[: int(o[-1])], (None if p is None else p[: int(o[-1])])
             norm[t.name] = (i, o, p)
         groups: Dict[Tuple[int, str], List[TableSpec]] = {}
         for t in self.tables:
@@ -314,7 +370,7 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
                     psws.append(p if p is not None else torch.ones(i.numel(), device=i.device,
                                                                    dtype=self.values.dtype))
                 sizes.append(n)
-            offs.append(torch.tensor([base], device=self.values.device))
+            offs.append(torch.full((1,), base, dtype=torch.int64, device=self.values.device))
             out = self._lookup(torch.cat(idx), torch.cat(offs), torch.cat(psws) if any_w else None,
                                nb, mode, None)
             for t, piece in zip(ts, torch.split(out, sizes)):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from ..format import resolve_slots
 from ..pool import BlockSparseBase, LookupRecord
 
 
@@ -53,44 +54,65 @@ class StaleTracker:
         self.age = torch.zeros(0, dtype=torch.int64, device=dev)  # windows each frozen slot sat
         self.frozen_slots = torch.empty(0, dtype=torch.int64, device=dev)
         self.threshold = float("nan")
-        self.touches = 0  # slot updates seen (lookups of active slots), all windows
-        self.skipped = 0  # of which fell on frozen slots
-        self.window_touches = 0
-        self.window_skipped = 0
+        # Slot updates seen (lookups of active slots) and of those on frozen slots, all windows
+        # and this window: Python ints, plus what the backward added on the device since the
+        # last read (int64 [2]: touches, skipped), so observing never reads back to the host.
+        self._touches = self._skipped = self._window_touches = self._window_skipped = 0
+        self._pending: Optional[Tensor] = None
         self.checks = 0
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            n, nf = self._pending.tolist()
+            self._pending = None
+            self._touches += n
+            self._skipped += nf
+            self._window_touches += n
+            self._window_skipped += nf
+
+    def _counter(name: str):  # noqa: N805  (a property factory used in the class body)
+        def get(self) -> int:
+            self._flush()
+            return getattr(self, name)
+
+        def put(self, value: int) -> None:
+            self._flush()
+            setattr(self, name, int(value))
+
+        return property(get, put)
+
+    touches = _counter("_touches")
+    skipped = _counter("_skipped")
+    window_touches = _counter("_window_touches")
+    window_skipped = _counter("_window_skipped")
+    del _counter
 
     # ------------------------------------------------------------------ observe
     @torch.no_grad()
     def observe(self, rec: LookupRecord) -> None:
         """Count the slot updates of a backward: every lookup of a row updates each active
-        block of the row (padding entries excluded). Works on the unique rows and the CSR row
-        ranges (no per-block bit arithmetic): O(batch + touched blocks)."""
+        block of the row (padding entries excluded). Batch-sized ``[L, NB]`` work with fixed
+        shapes, accumulated on the device: no host synchronisation per backward."""
         m = self.module
-        end = int(rec.offsets[-1]) if rec.offsets.numel() else rec.indices.numel()
-        idx = rec.indices[:end].long()
+        idx = rec.indices.long()
+        L = idx.numel()
+        if L == 0:
+            return
+        # Fixed shapes only ([L] and [L, NB]): no data-dependent size, nothing read back.
+        keep = (idx >= 0) & (idx < m.num_rows)
+        if rec.offsets.numel():  # entries past offsets[-1] belong to no bag
+            keep &= torch.arange(L, device=idx.device) < rec.offsets[-1]
         if rec.padding_idx >= 0:
-            idx = idx[idx != rec.padding_idx]
-        if idx.numel() == 0:
-            return
-        rows, cnt = torch.unique(idx, return_counts=True)
-        rp = m.row_ptr.long()
-        start, length = rp[rows], rp[rows + 1] - rp[rows]
-        total = int(length.sum())
-        if total == 0:
-            return
-        owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), length,
-                                        output_size=total)
-        first = torch.cumsum(length, 0) - length
-        pos = start[owner] + torch.arange(total, device=rows.device) - first[owner]
-        slots = m.row_slots[pos].long()
-        w = cnt[owner]
-        self.counts.index_add_(0, slots, w.to(torch.int32))
-        n = int(w.sum())
-        nf = int(w[m.frozen[slots]].sum()) if m.frozen is not None else 0
-        self.touches += n
-        self.skipped += nf
-        self.window_touches += n
-        self.window_skipped += nf
+            keep &= idx != rec.padding_idx
+        slots = resolve_slots(m.row_ptr, m.row_slots, m.row_mask, idx.clamp(0, m.num_rows - 1),
+                              rec.num_blocks)
+        hit = (slots >= 0) & keep.unsqueeze(1)
+        slots = slots.clamp(min=0)
+        self.counts.index_add_(0, slots.view(-1), hit.view(-1).to(torch.int32))
+        n = hit.sum()
+        nf = (hit & m.frozen[slots]).sum() if m.frozen is not None else torch.zeros_like(n)
+        seen = torch.stack([n, nf])
+        self._pending = seen if self._pending is None else self._pending + seen
 
     # ------------------------------------------------------------------ check
     @torch.no_grad()
