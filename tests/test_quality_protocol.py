@@ -180,6 +180,31 @@ def test_presets_and_dsl_paper_keeps_optimizer_state():
     assert moved_kept == 0      # the paper's recipe keeps them
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_rows_never_empties_a_row(keep):
+    """Rows holding one tiny block are the magnitude prune's first victims; ``keep_rows``
+    protects every row's first block, so no row that had blocks ends with none."""
+    torch.manual_seed(0)
+    rows, nb = 40, 4
+    e = dsl_kernels.SparseEmbedding(rows, 4 * nb, density=0.5, block_size=4, backend="reference")
+    allocate_by_frequency_(e, torch.arange(1, rows + 1) ** 3, power=1.0)  # tail rows: 1 block
+    with torch.no_grad():
+        e.values.mul_(torch.where(torch.arange(e.budget) % 2 == 0, 1e-3, 1.0).unsqueeze(1))
+    had = _row_blocks(e, rows, nb) > 0
+    opt = torch.optim.Adam(e.parameters(), lr=1e-3)
+    s = DSLScheduler(e, opt, update_every=1, prune_fraction=0.6, stop_at=100, keep_rows=keep)
+    (e(torch.randint(0, rows, (256,))) - 1).pow(2).sum().backward()
+    opt.step()
+    s.step()
+    assert s.stats()["moved_blocks"] > 0
+    still = _row_blocks(e, rows, nb) > 0
+    assert e.num_active_blocks == e.budget
+    if keep:
+        assert bool(still[had].all())
+    else:
+        assert not bool(still[had].all())   # without it, the prune empties some rows
+
+
 def test_run_names_tell_options_apart():
     m = MethodConfig("dense")
     a = _run_name(TrainConfig(dim=64), m, "g")

@@ -108,6 +108,9 @@ class DSLScheduler:
         reset_optimizer: zero the optimizer state (moments, step counts) of reassigned slots
             (default). ``False`` keeps the pruned block's state for the grown one, as DSL's
             published code does; it is offered for that baseline.
+        keep_rows: never prune a row's last active block (its lowest column is kept out of the
+            prune candidates), so no row that has blocks loses all of them: a user or item with
+            no active block scores 0 against everything.
 
     The loop is ``loss.backward(); optimizer.step(); scheduler.step()``.
     """
@@ -122,7 +125,8 @@ class DSLScheduler:
                  target_skip: float = 0.2, stale_window: Optional[int] = None,
                  freeze_windows: int = 1, hot_fraction: float = 0.1,
                  max_stale_change: Optional[float] = None, grow_init: GrowInit = "zeros",
-                 nan_policy: str = "raise", seed: int = 0, reset_optimizer: bool = True):
+                 nan_policy: str = "raise", seed: int = 0, reset_optimizer: bool = True,
+                 keep_rows: bool = False):
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
@@ -180,6 +184,7 @@ class DSLScheduler:
         self.skip_stale, self.stale_window = skip_stale, stale_window
         self.grow_init, self.nan_policy = grow_init, nan_policy
         self.reset_optimizer = bool(reset_optimizer)
+        self.keep_rows = bool(keep_rows)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         # requested_moves: blocks the schedule asked to move; moved_blocks: blocks that moved
@@ -340,6 +345,19 @@ class DSLScheduler:
         scores = torch.arange(keys.numel(), 0, -1, dtype=torch.float32, device=keys.device)
         return keys, scores
 
+    def _prunable(self, m: BlockSparseBase, slots: Optional[Tensor]) -> Optional[Tensor]:
+        """The slots a prune may take: ``slots`` (None = all), less every row's first active
+        block when ``keep_rows``."""
+        if not self.keep_rows:
+            return slots
+        keep = m.coord >= 0 if slots is None else torch.zeros_like(m.coord, dtype=torch.bool)
+        if slots is not None:
+            keep[slots.long()] = m.coord[slots.long()] >= 0
+        starts, ends = m.row_ptr[:-1].long(), m.row_ptr[1:].long()
+        first = m.row_slots.long()[starts[ends > starts]]   # CSR rows are sorted by column
+        keep[first] = False
+        return torch.nonzero(keep).squeeze(1)
+
     def _regrow(self, pool: _Pool, frac: float) -> None:
         m = pool.module
         backend = m.backend_for()
@@ -358,7 +376,7 @@ class DSLScheduler:
                 slots_all.append(sharded(keys, scores, frac))
             elif k > 0:
                 slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
-                                         m.num_blocks, None, backend, layout)
+                                         m.num_blocks, self._prunable(m, None), backend, layout)
                 slots_all.append(slots)
         else:
             if self.grow == "gradient":
@@ -367,6 +385,7 @@ class DSLScheduler:
             for j, t in enumerate(m.tables):
                 ps = m.table_slots(t)
                 k = int(round(frac * ps.numel()))
+                ps = self._prunable(m, ps)
                 requested += max(k, 0)
                 if k <= 0:
                     continue

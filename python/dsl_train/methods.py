@@ -48,8 +48,10 @@ class MethodConfig:
     # "aligned" (random per-row counts, first columns) or "random" (random columns).
     mask_init: str = "random"
     frequency_power: float = 0.5
+    frequency_min_blocks: int = 1    # blocks every row that occurs gets first (budget allowing)
     dim: Optional[int] = None        # dense_small: the table's (reduced) dimension
     reset_optimizer: bool = True     # DSL: zero the optimizer state of reassigned slots
+    keep_rows: bool = True           # DSL: never prune a row's last block
     # DSL / dense_to_sparse
     update_every: int = 100          # steps between mask updates (Delta T)
     prune_fraction: float = 0.3      # alpha_0, the share of active blocks moved at the 1st update
@@ -108,7 +110,8 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "magnitude": {"method": "magnitude"},
     "dense_to_sparse": {"method": "dense_to_sparse"},
     "dsl_paper": {"method": "dsl", "block_size": 1, "mask_init": "random",
-                  "reset_optimizer": False, "score_window": 1, "prune_fraction": 0.5,
+                  "reset_optimizer": False, "keep_rows": False, "score_window": 1,
+                  "prune_fraction": 0.5,
                   "update_every": 3000, "stop_fraction": 1.0},
     "dsl": {"method": "dsl"},
 }
@@ -177,7 +180,7 @@ def _init_mask(pool: BlockSparseBase, cfg: MethodConfig,
     if cfg.method == "dense_to_sparse" or cfg.mask_init == "random":
         return
     if cfg.mask_init == "frequency" and row_counts is not None:
-        allocate_by_frequency_(pool, row_counts, cfg.frequency_power)
+        allocate_by_frequency_(pool, row_counts, cfg.frequency_power, cfg.frequency_min_blocks)
     else:  # "aligned", or "frequency" without counts
         align_(pool)
 
@@ -291,6 +294,8 @@ class Controller:
             kw.update(prune_fraction=0.0)
         if not cfg.reset_optimizer:
             kw.update(reset_optimizer=False)
+        if cfg.keep_rows:
+            kw.update(keep_rows=True)
         if cfg.method == "dense_to_sparse":
             kw.update(schedule="dense_to_sparse", t_start=0, t_end=self.stop_step,
                       target_density=cfg.density)

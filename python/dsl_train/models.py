@@ -47,6 +47,15 @@ def bpr(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 LOSSES = ("softmax", "bpr")
+# Cosine scores divide by the row norm; a row with no active entries has norm 0, and
+# F.normalize's default eps (1e-12) would scale its gradient by 1e12 (growth scores of empty
+# rows, and Adam moments of a freshly grown zero block, would be swamped). Norms of trained rows
+# are ~0.1-1, so 1e-2 changes nothing for them and bounds the gradient for the rest.
+NORM_EPS = 1e-2
+
+
+def _unit(e: Tensor) -> Tensor:
+    return F.normalize(e, dim=1, eps=NORM_EPS)
 
 
 def sampled_softmax(eu: Tensor, ep: Tensor, en: Tensor, tau: float) -> Tensor:
@@ -58,7 +67,7 @@ def sampled_softmax(eu: Tensor, ep: Tensor, en: Tensor, tau: float) -> Tensor:
     >>> round(sampled_softmax(u, p, n, 1.0).item(), 4)     # log(1 + e^(0 - 1))
     0.3133
     """
-    eu, ep, en = F.normalize(eu, dim=1), F.normalize(ep, dim=1), F.normalize(en, dim=1)
+    eu, ep, en = _unit(eu), _unit(ep), _unit(en)
     logits = torch.cat([(eu * ep).sum(1, keepdim=True), eu @ en.T], 1) / tau
     return F.cross_entropy(logits, torch.zeros(eu.shape[0], dtype=torch.long,
                                                device=eu.device))
@@ -95,7 +104,7 @@ class MF(nn.Module):
 
     def _out(self, e: Tensor) -> Tensor:
         """Scoring rows: the softmax loss scores cosine similarities."""
-        return F.normalize(e, dim=1) if self.loss_kind == "softmax" else e
+        return _unit(e) if self.loss_kind == "softmax" else e
 
     def embedding_modules(self) -> Dict[str, nn.Module]:
         return {"emb": self.emb}
@@ -214,7 +223,7 @@ class LightGCN(nn.Module):
     @torch.no_grad()
     def prepare_eval(self) -> None:
         out = self.propagate()[0]
-        self._cache = F.normalize(out, dim=1) if self.loss_kind == "softmax" else out
+        self._cache = _unit(out) if self.loss_kind == "softmax" else out
 
     def end_eval(self) -> None:
         self._cache = None
@@ -224,7 +233,7 @@ class LightGCN(nn.Module):
         out = self._cache
         if out is None:
             out = self.propagate()[0]
-            out = F.normalize(out, dim=1) if self.loss_kind == "softmax" else out
+            out = _unit(out) if self.loss_kind == "softmax" else out
         users = users.to(out.device)
         return out[users] @ out[self.num_users:].T
 
