@@ -178,6 +178,56 @@ def test_from_torchrec_rejects_bad_tables():
         m(KeyedJaggedTensor.from_lengths_sync(["y"], torch.tensor([1]), torch.tensor([1])))
 
 
+def _cands(prune, grow):
+    """One rank's gathered candidates as ShardPool sends them: (magnitude | -score, key)."""
+    rows = [(v, k) for v, k in prune] + [(-sc, k) for sc, k in grow]
+    return torch.tensor(rows, dtype=torch.float64), [len(prune), len(grow)]
+
+
+@needs_torchrec
+@pytest.mark.parametrize("free1,want_prune,want_grow", [
+    (0, ([0, 1], []), ([0, 1], [])),   # rank 1 is full: its better candidates cannot grow
+    (1, ([0, 1], []), ([0], [0])),     # one free slot on rank 1: budget moves there
+])
+def test_global_choice_respects_shard_capacity(free1, want_prune, want_grow):
+    from dsl_kernels.torchrec.shard_pool import _choose
+
+    p0, c0 = _cands([(0.1, 1), (0.2, 2)], [(1.0, 10), (0.5, 11)])
+    p1, c1 = _cands([(0.9, 100), (1.0, 101)], [(9.0, 110), (8.0, 111)])
+    stats = torch.tensor([[10, 10], [10, 10 + free1]])
+    prune, grow = _choose([p0, p1], torch.tensor([c0, c1]), stats, 2)
+    assert [x.tolist() for x in prune] == list(want_prune)
+    assert [x.tolist() for x in grow] == list(want_grow)
+    # fewer growable candidates than k: fewer blocks are pruned (the weakest first)
+    p0, c0 = _cands([(0.1, 1), (0.2, 2)], [(1.0, 10)])
+    p1, c1 = _cands([(0.9, 100)], [])
+    prune, grow = _choose([p0, p1], torch.tensor([c0, c1]), torch.tensor([[10, 10], [10, 10]]),
+                          2)
+    assert [x.tolist() for x in prune] == [[0], []] and [x.tolist() for x in grow] == [[0], []]
+
+
+@needs_torchrec
+def test_shard_pool_maps_keys_and_refuses_compaction():
+    from dsl_kernels.torchrec import Piece, ShardPool
+
+    ebc = Model(4).ebc
+    t1, t3 = ebc.table("t1"), ebc.table("t3")
+    pieces = [Piece("t1", "t1", 0, 15, 8, "sum", 30, t1.row_start),
+              Piece("t3", "t3", 9, 9, 16, "sum", 30, t3.row_start)]  # rows 9..17 of t3
+    pool = ShardPool(pieces, 4, ebc.num_blocks, None)
+    pool.load_unsharded_(ebc.values.detach(), ebc.coord)
+    gk = pool.global_keys(pool.coord[pool.coord >= 0])
+    lo3, hi3 = (t3.row_start + 9) * ebc.num_blocks, (t3.row_start + 18) * ebc.num_blocks
+    lo1, hi1 = t1.row_start * ebc.num_blocks, (t1.row_start + 15) * ebc.num_blocks
+    mine = ebc.coord[((ebc.coord >= lo1) & (ebc.coord < hi1))
+                     | ((ebc.coord >= lo3) & (ebc.coord < hi3))]
+    assert torch.equal(torch.sort(gk).values, torch.sort(mine).values)
+    dense = pool.to_dense("t3")
+    torch.testing.assert_close(dense, ebc.to_dense("t3")[9:], rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="dense_to_sparse"):
+        pool.compact_slots_(torch.arange(3))
+
+
 def test_core_package_does_not_import_torchrec():
     code = ("import sys, dsl_kernels, dsl_kernels.sparsity, dsl_kernels.distributed; "
             "assert not any(m.startswith('torchrec') for m in sys.modules), 'torchrec imported'")

@@ -75,6 +75,16 @@ class ShardPool(SparseEmbeddingBagCollection):
             self.values.zero_()
         self.rebuild_index()
 
+    def compact_slots_(self, keep: Tensor) -> None:
+        # dense_to_sparse would shrink each shard on its own, off the global budget.
+        raise NotImplementedError(
+            "schedule='dense_to_sparse' (pool compaction) is not supported on a sharded "
+            "collection; use schedule='from_scratch', or compact the unsharded model first")
+
+    def resize_pool_(self, budget: int) -> None:
+        raise NotImplementedError("a sharded pool keeps its capacity: resizing it (a "
+                                  "dense_to_sparse checkpoint) is not supported")
+
     # ------------------------------------------------------------------ key maps
     def global_keys(self, keys: Tensor) -> Tensor:
         """Local block keys -> keys of the unsharded collection (``row * NB + col``)."""
