@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse finished runs found in --out (same options = same name), so "
                          "a sweep can be split over several processes and gathered at the end")
     sp.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
+    sp.add_argument("--gather", action="store_true",
+                    help="train nothing: build the table and plot from every finished run in "
+                         "--out (e.g. cells of one sweep run as separate processes)")
     _add_common(sp, "sweep")
     return p
 
@@ -550,13 +553,107 @@ def _mean_std(xs: List[float]):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _report_sweep(groups: dict, metric: str, out: str, name: str, title: str) -> dict:
+    """Table (mean ± std over seeds, measured memory, % of dense), JSON and Pareto plot of
+    ``groups``: ``{(method label, memory target or density): [run reports]}``."""
+    from .report import plot_pareto, write_json
+
+    other = "ndcg@20" if metric != "auc" else "logloss"
+    rows, points, dense_pt = [], [], None
+    for (label, x), reps in groups.items():
+        mem = [r["memory"].get("share_of_full_dense", r["memory"]["embedding_share_of_dense"])
+               for r in reps]
+        mu, sd = _mean_std([r["final"].get(metric) for r in reps])
+        mu2, sd2 = _mean_std([r["final"].get(other) for r in reps])
+        pt = {"method": label, "target": x, "share": sum(mem) / len(mem), metric: mu,
+              f"{metric}_std": sd, other: mu2, f"{other}_std": sd2, "seeds": len(reps),
+              "runs": [r["name"] for r in reps]}
+        if label == "dense":
+            dense_pt = pt
+        else:
+            points.append(pt)
+    for pt in ([dense_pt] if dense_pt else []) + points:
+        row = {"method": pt["method"],
+               "memory target": "-" if pt["method"] == "dense" else f"{pt['target']:g}",
+               "measured memory": f"{100 * pt['share']:.1f}%"}
+        for key in (metric, other):
+            if pt[key] is None:
+                row[key] = "-"
+            else:
+                row[key] = f"{pt[key]:.4f} ± {pt[f'{key}_std']:.4f}"
+        if dense_pt and pt[metric] is not None and dense_pt[metric]:
+            row["% of dense"] = f"{100 * pt[metric] / dense_pt[metric]:.1f}%"
+        row["seeds"] = pt["seeds"]
+        rows.append(row)
+    _print_table(rows)
+    write_json(os.path.join(out, name + ".json"),
+               {"metric": metric, "dense": dense_pt, "points": points, "table": rows,
+                "runs": [{k: r[k] for k in ("name", "method_config", "train_config", "final",
+                                            "memory", "wall_time_s") if k in r}
+                         for reps in groups.values() for r in reps]})
+    from .report import can_plot
+
+    if can_plot():
+        p = plot_pareto(os.path.join(out, name + "-sweep.png"), points, metric, dense_pt,
+                        title=f"{title}: {metric} at equal memory")
+        print(f"\n{p}")
+    return {"dense": dense_pt, "points": points}
+
+
+def recipe_label(rep: dict) -> str:
+    """The :data:`~dsl_train.methods.PRESETS` name a finished run's method config matches
+    (``dsl`` with a non-default block size reads ``dsl (B=4)``)."""
+    from .methods import PRESETS
+
+    mc = rep["method_config"]
+    base = MethodConfig(**{k: v for k, v in mc.items()
+                           if k in MethodConfig.__dataclass_fields__}).to_dict()
+    for name, fields in PRESETS.items():
+        if name != "dsl" and all(base.get(k) == v for k, v in fields.items()):
+            if name.startswith("static") and fields.get("mask_init") != base["mask_init"]:
+                continue
+            return name
+    label = mc["method"]
+    if label == "dsl" and mc["block_size"] != MethodConfig.block_size:
+        label += f" (B={mc['block_size']})"
+    return label
+
+
+def cmd_gather(out: str, name: str) -> List[dict]:
+    """The sweep table and plot of every finished run found in ``out`` (``<run>.json`` files
+    written by ``dsl-train mf|lightgcn|sweep``), grouped by recipe and memory target: sweeps
+    split over several processes (``--reuse``) are gathered in one place."""
+    import glob
+    import json
+
+    groups: dict = {}
+    metric = "recall@20"
+    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+        with open(path) as f:
+            rep = json.load(f)
+        if not isinstance(rep, dict) or "method_config" not in rep or "final" not in rep:
+            continue  # a sweep summary, not a run
+        if rep.get("task") == "dlrm":
+            metric = "auc"
+        share = rep.get("train_config", {}).get("memory")
+        x = share if share is not None else rep["method_config"]["density"]
+        groups.setdefault((recipe_label(rep), x), []).append(rep)
+    if not groups:
+        raise ValueError(f"--gather: no run reports (*.json) in {out}")
+    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", -kv[0][1],
+                                                         kv[0][0])))
+    _report_sweep(groups, metric, out, name, os.path.basename(os.path.abspath(out)))
+    return [r for reps in groups.values() for r in reps]
+
+
 def cmd_sweep(a) -> List[dict]:
     """Quality at equal measured memory: every method of ``--methods`` at every point of
     ``--memory-points`` (or ``--densities``), each over ``--seeds``, plus dense; a table with
     mean ± std and a Pareto plot (metric against measured memory, dense as a reference)."""
     from .loop import resolve_memory, run_ctr, run_ranking
-    from .report import plot_pareto, write_json
 
+    if a.gather:
+        return cmd_gather(a.out, a.name or "sweep-gathered")
     model = a.model
     seeds = [int(x) for x in str(a.seeds).split(",") if x.strip()]
     if model == "dlrm":
@@ -585,46 +682,8 @@ def cmd_sweep(a) -> List[dict]:
             rep = _reuse_or_run(run, tcfg, mcfg_r, a.reuse)
             groups.setdefault((label, share if share is not None else mcfg_r.density),
                               []).append(rep)
-    other = "ndcg@20" if model != "dlrm" else "logloss"
-    rows, points, dense_pt = [], [], None
-    for (label, x), reps in groups.items():
-        mem = [r["memory"].get("share_of_full_dense", r["memory"]["embedding_share_of_dense"])
-               for r in reps]
-        mu, sd = _mean_std([r["final"].get(metric) for r in reps])
-        mu2, sd2 = _mean_std([r["final"].get(other) for r in reps])
-        pt = {"method": label, "target": x, "share": sum(mem) / len(mem), metric: mu,
-              f"{metric}_std": sd, other: mu2, f"{other}_std": sd2, "seeds": len(reps),
-              "runs": [r["name"] for r in reps]}
-        if label == "dense":
-            dense_pt = pt
-        else:
-            points.append(pt)
-    for pt in ([dense_pt] if dense_pt else []) + points:
-        row = {"method": pt["method"],
-               "memory target": "-" if pt["method"] == "dense" else f"{pt['target']:g}",
-               "measured memory": f"{100 * pt['share']:.1f}%"}
-        for key in (metric, other):
-            if pt[key] is None:
-                row[key] = "-"
-            else:
-                row[key] = f"{pt[key]:.4f} ± {pt[f'{key}_std']:.4f}"
-        if dense_pt and pt[metric] is not None and dense_pt[metric]:
-            row["% of dense"] = f"{100 * pt[metric] / dense_pt[metric]:.1f}%"
-        row["seeds"] = pt["seeds"]
-        rows.append(row)
-    _print_table(rows)
     name = a.name or f"sweep-{model}-{dname}"
-    write_json(os.path.join(a.out, name + ".json"),
-               {"metric": metric, "dense": dense_pt, "points": points, "table": rows,
-                "runs": [{k: r[k] for k in ("name", "method_config", "train_config", "final",
-                                            "memory", "wall_time_s") if k in r}
-                         for reps in groups.values() for r in reps]})
-    from .report import can_plot
-
-    if can_plot():
-        p = plot_pareto(os.path.join(a.out, name + "-sweep.png"), points, metric, dense_pt,
-                        title=f"{model} on {dname}: {metric} at equal memory")
-        print(f"\n{p}")
+    _report_sweep(groups, metric, a.out, name, f"{model} on {dname}")
     return [r for reps in groups.values() for r in reps]
 
 

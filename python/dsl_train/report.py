@@ -223,6 +223,13 @@ def plot_pareto(path: str, points: List[dict], metric: str, dense: Optional[dict
         ax.axhline(dense[metric], color="k", ls="--", lw=1,
                    label=f"dense (100 % memory): {dense[metric]:.4f}")
     ax.set_xscale("log")
+    ticks = sorted({round(100 * r["share"], 1) for r in points})
+    if ticks:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g} %" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("memory: embedding + optimizer state, % of the dense table (log)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3, which="both")
