@@ -22,12 +22,27 @@ def largest_allocation(fn: Callable[[], object]) -> Tuple[int, str]:
 
 
 def assert_no_dense_allocation(fn: Callable[[], object], num_rows: int, dim: int,
-                               fraction: float = 0.25, element_size: int = 4) -> int:
-    """Fail if any op allocated ``fraction`` of the dense ``[num_rows, dim]`` table or more."""
+                               fraction: float, element_size: int = 4) -> int:
+    """Fail if any op allocated ``fraction`` of the dense ``[num_rows, dim]`` table or more.
+    ``fraction`` is required: pass what the step may legitimately allocate (e.g. the pool's
+    share of dense), not a blanket allowance."""
     limit = fraction * num_rows * dim * element_size
     got, op = largest_allocation(fn)
     assert got < limit, (f"{op} allocated {got} bytes, >= {fraction} of the dense table "
                          f"({num_rows}x{dim})")
+    return got
+
+
+def assert_sparse_sized(fn: Callable[[], object], pool_bytes: int, batch_bytes: int,
+                        dense_bytes: int) -> int:
+    """Fail unless every op's own allocations stay within what a sparse step needs: the slot
+    pool (``values``-sized state) or two batch-sized ``[L, D]`` temporaries, 5 % slack. The
+    dense table must be well above that bound for the check to mean anything."""
+    limit = 1.05 * max(pool_bytes, 2 * batch_bytes)
+    assert limit < 0.5 * dense_bytes, "test sizes: the bound must be far below the dense table"
+    got, op = largest_allocation(fn)
+    assert got <= limit, (f"{op} allocated {got} bytes, more than the pool ({pool_bytes}) or two "
+                          f"batch-sized temporaries ({batch_bytes}); dense is {dense_bytes}")
     return got
 
 

@@ -327,3 +327,23 @@ def test_module_training_step_matches_reference(mode):
             m(idx).square().sum().backward()
             opt.step()
     assert torch.equal(mods["cpu"].values, mods["reference"].values)
+
+
+def test_auto_never_hides_a_broken_extension(monkeypatch):
+    """A built extension that fails to load makes `auto` raise; only an extension that was
+    never built falls back to the reference, and says so."""
+    from dsl_kernels.backends import registry
+
+    def entry(exc):
+        def loader():
+            raise exc
+        return registry._Entry("cpu", ("cpu",), loader)
+
+    monkeypatch.setitem(registry._REGISTRY, "cpu",
+                        entry(registry.BrokenBackend("undefined symbol: _ZN2at4_ops")))
+    with pytest.raises(RuntimeError, match="undefined symbol.*backend='reference' explicitly"):
+        registry.resolve("auto", "cpu")
+    monkeypatch.setitem(registry._REGISTRY, "cpu", entry(ImportError("not built")))
+    monkeypatch.setattr(registry, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match="falls back to 'reference'.*not built"):
+        assert registry.resolve("auto", "cpu") == "reference"

@@ -91,6 +91,23 @@ def test_ranking_resume_equals_straight(model, method, tiny_ranking, tmp_path, m
         assert straight["epochs"][-1]["mask_updates"] > 0
 
 
+@pytest.mark.parametrize("method,fused", [("dense_to_sparse", False), ("dsl", True),
+                                          ("dense_to_sparse", True)],
+                         ids=["dense_to_sparse", "dsl-fused", "dense_to_sparse-fused"])
+def test_ranking_resume_dense_to_sparse_and_fused(method, fused, tiny_ranking, tmp_path,
+                                                  monkeypatch):
+    """The two paths the resume tests missed: a pool that shrank before the checkpoint, and the
+    optimizer state living in the module (--fused), and both at once."""
+    kw = dict(model="mf", batch_size=64, lr=0.02, dim=16, progress=False, plot=False,
+              device="cpu", fused=fused)
+    straight, resumed = _two_ways(lambda t: run_ranking(tiny_ranking, t, _method(method)), kw,
+                                  tmp_path, monkeypatch)
+    _compare(straight, resumed)
+    if method == "dense_to_sparse":  # the pool had shrunk when the checkpoint was written
+        e1 = straight["epochs"][0]
+        assert e1["density"] < 1.0, e1
+
+
 def test_ranking_resume_with_selection_protocol(tiny_ranking, tmp_path, monkeypatch):
     """The validation protocol's best snapshot travels in the checkpoint: a resumed run selects
     the same epoch and scores the same test numbers as a straight one."""
