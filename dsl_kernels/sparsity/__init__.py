@@ -11,11 +11,14 @@ One scheduler, three published methods:
   (``grow="random"``). ``distribution="global"`` ranks blocks across all tables of one pool
   (a ``SparseEmbeddingBagCollection``), so budget moves to the tables that need it;
   ``"per_table"`` keeps every table's count. Separate modules always keep their own budgets.
-* ``schedule="dense_to_sparse"`` — adaptive dense-to-sparse (arXiv 2010.08655): start dense
+* ``schedule="dense_to_sparse"`` — cubic density decay plus compaction: start dense
   (``density=1.0`` or ``from_dense``), cubic decay of density to ``target_density`` between
-  ``t_start`` and ``t_end``; the pool SHRINKS (values, coord and optimizer state are compacted,
-  the Parameter object stays the same); afterwards prune+regrow every ``adapt_every`` steps at
-  constant budget so the mask follows a drifting stream.
+  ``t_start`` and ``t_end`` (the schedule arXiv 2010.08655 uses), the per-table share learned by
+  the global magnitude criterion; the pool SHRINKS (values, coord and optimizer state are
+  compacted, the Parameter object stays the same); afterwards prune+regrow every
+  ``adapt_every`` steps at constant budget so the mask follows a drifting stream. This is not
+  that paper's method, which keeps training a full model and periodically derives the sparse
+  one from it (a full model is exactly what this engine never holds).
 * ``skip_stale=True`` — Slipstream (arXiv 2404.04270): hot slots whose values stopped changing
   are frozen (``module.frozen``): the backward skips them and the scheduler holds their values and
   optimizer state across ``optimizer.step()`` so momentum cannot move them.

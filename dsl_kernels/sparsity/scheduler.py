@@ -85,7 +85,8 @@ class DSLScheduler:
         distribution: ``"global"`` ranks blocks across all tables of a pool so budget moves
             between tables; ``"per_table"`` keeps every table's block count (and, in
             ``dense_to_sparse``, decays every table to the target density on its own).
-        schedule: ``"from_scratch"`` or ``"dense_to_sparse"``.
+        schedule: ``"from_scratch"`` or ``"dense_to_sparse"`` (cubic density decay plus pool
+            compaction, then constant-budget adaptation; see :mod:`dsl_kernels.sparsity`).
         t_start, t_end: the cubic density decay window of ``dense_to_sparse``.
         target_density: final density of ``dense_to_sparse`` (blocks of the pool).
         adapt_every: steps between prune+regrow after ``t_end`` (default ``update_every``).
