@@ -205,6 +205,32 @@ def test_keep_rows_never_empties_a_row(keep):
         assert not bool(still[had].all())   # without it, the prune empties some rows
 
 
+def test_masked_cosine_is_the_cosine_for_full_rows_and_ignores_unshared_columns():
+    from dsl_train.models import MF
+
+    torch.manual_seed(0)
+    full = dsl_kernels.SparseEmbedding(10, 16, density=1.0, block_size=4, backend="reference")
+    dense = torch.nn.Embedding(10, 16)
+    with torch.no_grad():
+        dense.weight.copy_(full.to_dense())
+    for emb in (full, dense):
+        m = MF(4, 6, emb, loss="softmax")
+        m.prepare_eval()
+        got = m.score_users(torch.arange(4))
+        w = torch.nn.functional.normalize(dense.weight.detach(), dim=1)
+        assert torch.allclose(got, w[:4] @ w[4:].T, atol=1e-6)
+    # a narrow user (block 0 only) scores a wide item by the columns it shares with it
+    sp = dsl_kernels.SparseEmbedding(2, 8, density=0.75, block_size=4, backend="reference")
+    with torch.no_grad():
+        sp.coord.copy_(torch.tensor([0, 2, 3]))   # row 0: block 0; row 1: blocks 0 and 1
+        sp.values.copy_(torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 7.0, 7.0, 0]]))
+    sp.rebuild_index()
+    m = MF(1, 1, sp, loss="softmax")
+    assert m.score_users(torch.tensor([0])).item() == pytest.approx(1.0)
+    assert MF(1, 1, sp, loss="softmax", score="cosine").score_users(
+        torch.tensor([0])).item() == pytest.approx(1 / 99 ** 0.5)
+
+
 def test_run_names_tell_options_apart():
     m = MethodConfig("dense")
     a = _run_name(TrainConfig(dim=64), m, "g")

@@ -125,6 +125,9 @@ def _add_loop(p: argparse.ArgumentParser, model: str) -> None:
                             "%(default)s)")
         g.add_argument("--tau", type=float, default=R["tau"],
                        help="softmax temperature (default %(default)s)")
+        g.add_argument("--score", default="masked", choices=("masked", "cosine"),
+                       help="softmax, MF: cosine over the blocks both rows hold (masked, "
+                            "default; the plain cosine for dense tables) or the plain cosine")
         g.add_argument("--negatives", type=int, default=R["negatives"],
                        help="softmax: negatives shared by a batch; bpr: negatives per positive "
                             "(default %(default)s)")
@@ -256,7 +259,8 @@ def _train_cfg(a, model: str) -> TrainConfig:
                        plot=not a.no_plot, checkpoint=getattr(a, "checkpoint", None),
                        resume=getattr(a, "resume", None), memory=getattr(a, "memory", None),
                        shard=getattr(a, "shard", None),
-                       **{k: getattr(a, k) for k in ("loss", "tau", "negatives", "sampling",
+                       **{k: getattr(a, k) for k in ("loss", "tau", "score", "negatives",
+                                                     "sampling",
                                                      "lr_schedule", "val_fraction")
                           if hasattr(a, k)},
                        patience=(getattr(a, "patience", None) or None))

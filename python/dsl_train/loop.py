@@ -59,6 +59,7 @@ class TrainConfig:
     # Ranking recipe and protocol (see docs/RESULTS.md for how these defaults were chosen).
     loss: str = "bpr"              # ranking loss: "softmax" (sampled, cosine) or "bpr"
     tau: float = 0.1               # softmax temperature
+    score: str = "masked"          # softmax: cosine over shared blocks ("masked") or "cosine"
     negatives: int = 1             # BPR: negatives per positive; softmax: shared per batch
     sampling: str = "interaction"  # batches of interactions, or "user": users drawn uniformly
     lr_schedule: str = "constant"  # or "cosine": lr decays to 0 over the planned steps
@@ -426,7 +427,7 @@ def build_ranking_model(tcfg: TrainConfig, mcfg: MethodConfig, num_users: int, n
                         torch.bincount(train_items, minlength=num_items)])
     emb = make_table(mcfg, num_users + num_items, tcfg.dim, device=dev, row_counts=counts)
     if tcfg.model == "mf":
-        return MF(num_users, num_items, emb, tcfg.loss, tcfg.tau)
+        return MF(num_users, num_items, emb, tcfg.loss, tcfg.tau, tcfg.score)
     if tcfg.model == "lightgcn":
         return LightGCN(num_users, num_items, emb, train_users, train_items, tcfg.layers,
                         tcfg.loss, tcfg.tau)

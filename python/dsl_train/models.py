@@ -73,6 +73,41 @@ def sampled_softmax(eu: Tensor, ep: Tensor, en: Tensor, tau: float) -> Tensor:
                                                device=eu.device))
 
 
+SCORES = ("masked", "cosine")
+
+
+def block_stats(e: Tensor, block: int):
+    """``(e, squared norm of every block [n, NB], active blocks [n, NB])`` of rows ``e``; a
+    block is active when it holds a non-zero (inactive blocks of a sparse table read 0)."""
+    sq = e.view(e.shape[0], -1, block).pow(2).sum(-1)
+    return e, sq, (sq > 0).to(e.dtype)
+
+
+def masked_cosine(u, v, pairwise: bool) -> Tensor:
+    """Cosine similarity over the columns both rows hold (``u``, ``v`` from
+    :func:`block_stats`): ``<u, v> / (|u restricted to v's blocks| * |v restricted to u's|)``.
+
+    With mixed per-row dimensions (a sparse table whose frequent rows hold more blocks) the plain
+    cosine divides by the whole norm of a wide row although a narrow partner sees only its first
+    columns, so wide (popular) rows are scored down for narrow (rare) partners. For rows that
+    hold every block this is the plain cosine. ``pairwise``: rows i of ``u`` and ``v`` -> ``[n]``;
+    else all pairs -> ``[n, m]``.
+
+    >>> u = block_stats(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), 2)      # holds block 0 only
+    >>> v = block_stats(torch.tensor([[1.0, 0.0, 5.0, 5.0]]), 2)      # holds blocks 0 and 1
+    >>> masked_cosine(u, v, True).item(), round(float(F.cosine_similarity(u[0], v[0])), 4)
+    (1.0, 0.14)
+    """
+    eu, su, mu = u
+    ev, sv, mv = v
+    if pairwise:
+        dot, nu, nv = (eu * ev).sum(1), (su * mv).sum(1), (mu * sv).sum(1)
+    else:
+        dot, nu, nv = eu @ ev.T, su @ mv.T, mu @ sv.T
+    e2 = NORM_EPS * NORM_EPS
+    return dot / (nu.clamp_min(e2).sqrt() * nv.clamp_min(e2).sqrt())
+
+
 def _pair_scores(eu: Tensor, ep: Tensor, en: Tensor, n_neg: int):
     """(``[B]`` positive scores, ``[B]`` or ``[B, n]`` negative scores) of user rows ``eu``,
     positive rows ``ep`` and the ``B * n`` negative rows ``en`` (user-major)."""
@@ -93,18 +128,28 @@ class MF(nn.Module):
     """
 
     def __init__(self, num_users: int, num_items: int, emb: nn.Module, loss: str = "bpr",
-                 tau: float = 0.1):
+                 tau: float = 0.1, score: str = "masked"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if score not in SCORES:
+            raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
         self.num_users, self.num_items = num_users, num_items
         self.emb = emb
-        self.loss_kind, self.tau = loss, tau
+        self.loss_kind, self.tau, self.score_kind = loss, tau, score
         self._cache = None
 
-    def _out(self, e: Tensor) -> Tensor:
-        """Scoring rows: the softmax loss scores cosine similarities."""
-        return _unit(e) if self.loss_kind == "softmax" else e
+    def _block(self, e: Tensor) -> int:
+        """Columns per block for the masked cosine: the sparse table's block size (a stock
+        dense table is one block per row, i.e. the plain cosine)."""
+        b = getattr(self.emb, "block_size", None)
+        return e.shape[1] if b is None or self.score_kind == "cosine" else int(b)
+
+    def _scores(self, eu: Tensor, ev: Tensor, pairwise: bool) -> Tensor:
+        if self.loss_kind == "bpr":
+            return (eu * ev).sum(1) if pairwise else eu @ ev.T
+        return masked_cosine(block_stats(eu, self._block(eu)), block_stats(ev, self._block(ev)),
+                             pairwise)
 
     def embedding_modules(self) -> Dict[str, nn.Module]:
         return {"emb": self.emb}
@@ -123,7 +168,9 @@ class MF(nn.Module):
         e = self.emb(nodes)
         eu, ep, en = e[:n], e[n:2 * n], e[2 * n:]
         if self.loss_kind == "softmax":
-            b = sampled_softmax(eu, ep, en, self.tau)
+            logits = torch.cat([self._scores(eu, ep, True).unsqueeze(1),
+                                self._scores(eu, en, False)], 1) / self.tau
+            b = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=e.device))
         else:
             b = bpr(*_pair_scores(eu, ep, en, n_neg))
         l2 = 0.5 * e.pow(2).sum() / n
@@ -134,7 +181,7 @@ class MF(nn.Module):
         """Cache the item output matrix for a round of :meth:`score_users` calls."""
         dev = next(self.emb.parameters()).device
         items = torch.arange(self.num_users, self.num_users + self.num_items, device=dev)
-        self._cache = self._out(self.emb(items))
+        self._cache = self.emb(items)
 
     def end_eval(self) -> None:
         self._cache = None
@@ -144,9 +191,9 @@ class MF(nn.Module):
         dev = next(self.emb.parameters()).device
         items = self._cache
         if items is None:
-            items = self._out(self.emb(torch.arange(self.num_users,
-                                                    self.num_users + self.num_items, device=dev)))
-        return self._out(self.emb(users.to(dev))) @ items.T
+            items = self.emb(torch.arange(self.num_users, self.num_users + self.num_items,
+                                          device=dev))
+        return self._scores(self.emb(users.to(dev)), items, False)
 
 
 def normalized_adjacency(num_users: int, num_items: int, users: Tensor, items: Tensor,
