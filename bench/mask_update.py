@@ -14,7 +14,8 @@ gradient scores of the step's batch feed it.
 Columns:
 
 * ``train ms``: one training step (zero_grad, forward, backward, Adam step) WITHOUT the
-  scheduler; ``+scores ms``: the same step while the scheduler collects gradient scores (the
+  scheduler; ``optimizer``: ``torch Adam`` or ``fused adam`` (``dsl_kernels.fused``, cpu
+  backend only: the issue's yardstick is one update against one fused step); ``+scores ms``: the same step while the scheduler collects gradient scores (the
   ``dsl::grow_scores`` observer runs in the backward; only the ``score_window`` batches before an
   update pay it);
 * ``update ms``: ``scheduler.step()`` at an update (the update itself); ``update/train``: ratio;
@@ -89,7 +90,7 @@ def _peak_extra(fn, device: str, watch=None) -> int:
 
 
 def run_case(N: int, D: int, B: int, density: float, frac: float, grow: str, backend: str,
-             device: str, bags: int, bag_size: int, iters: int) -> dict:
+             device: str, bags: int, bag_size: int, iters: int, fused: bool = False) -> dict:
     from dsl_kernels import SparseEmbeddingBag
     from dsl_kernels.sparsity import DSLScheduler
     from dsl_kernels.sparsity.prune_regrow import prune_regrow_
@@ -98,21 +99,33 @@ def run_case(N: int, D: int, B: int, density: float, frac: float, grow: str, bac
     torch.manual_seed(0)
     emb = SparseEmbeddingBag(N, D, mode="sum", density=density, block_size=B, device=device,
                              backend=backend)
-    opt = torch.optim.Adam(emb.parameters(), lr=1e-3)
+    if fused:  # dsl_kernels.fused: Adam inside the backward, state on the module
+        from dsl_kernels.fused import fuse_optimizer
+
+        fo = fuse_optimizer(emb, "adam", lr=1e-3)
+        opt = None
+    else:
+        opt = torch.optim.Adam(emb.parameters(), lr=1e-3)
     g = torch.Generator(device=device).manual_seed(0)
 
     def batch():
         return torch.randint(0, N, (bags, bag_size), device=device, generator=g)
 
     def train():
-        opt.zero_grad()
+        if opt is not None:
+            opt.zero_grad()
         emb(batch()).pow(2).sum().backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
 
     for _ in range(2):
         train()
     t_train = statistics.median(_ms(train, device) for _ in range(iters))
-    steady = emb.memory_bytes() + _opt_bytes(opt) + emb.values.numel() * emb.values.element_size()
+    if fused:  # no values.grad; the state lives on the module
+        steady = emb.memory_bytes() + fo.state_bytes()
+    else:
+        steady = (emb.memory_bytes() + _opt_bytes(opt)
+                  + emb.values.numel() * emb.values.element_size())
 
     sched = DSLScheduler(emb, opt, update_every=1, prune_fraction=frac, stop_at=10 ** 9,
                          score_window=1, grow=grow)
@@ -143,7 +156,8 @@ def run_case(N: int, D: int, B: int, density: float, frac: float, grow: str, bac
     sched.close()
     upd = statistics.median(t_update)
     return {"N": N, "D": D, "B": B, "density": density, "alpha": frac, "grow": grow,
-            "backend": backend, "train ms": t_train, "+scores ms": statistics.median(t_scores),
+            "backend": backend, "optimizer": "fused adam" if fused else "torch Adam",
+            "train ms": t_train, "+scores ms": statistics.median(t_scores),
             "update ms": upd, "update/train": upd / t_train, "moved": k,
             "steady MB": steady / 2 ** 20, "update peak MB": peak / 2 ** 20,
             "peak/steady": (steady + peak) / steady, "op peak MB": op_peak / 2 ** 20}
@@ -210,7 +224,7 @@ def run_stale_case(N: int, backend: str, device: str, bags: int, bag_size: int, 
 STALE_COLUMNS = ["N", "backend", "optimizer", "frozen slots %", "skipped updates %",
                  "train ms (none frozen)", "train ms (frozen)", "saved %"]
 
-COLUMNS = ["N", "B", "density", "alpha", "grow", "backend", "train ms", "+scores ms",
+COLUMNS = ["N", "B", "density", "alpha", "grow", "backend", "optimizer", "train ms", "+scores ms",
            "update ms", "update/train", "moved", "steady MB", "update peak MB", "peak/steady",
            "op peak MB"]
 
@@ -238,10 +252,13 @@ def main(argv=None) -> str:
     rows = []
     for N in sizes:
         for backend in backends:
-            for frac, grow in [(0.1, "gradient"), (0.3, "gradient"), (0.1, "random")]:
+            cases = [(0.1, "gradient", False), (0.3, "gradient", False), (0.1, "random", False)]
+            if backend == "cpu":  # the yardstick: one update vs one fused step
+                cases.append((0.1, "gradient", True))
+            for frac, grow, fz in cases:
                 try:
                     r = run_case(N, 64, 8, 0.1, frac, grow, backend, args.device, args.bags,
-                                 args.bag_size, args.iters)
+                                 args.bag_size, args.iters, fused=fz)
                 except Exception as e:  # report and go on
                     r = {"N": N, "backend": backend, "alpha": frac, "grow": grow,
                          "train ms": None, "moved": f"error: {type(e).__name__}: {e}"[:120]}

@@ -38,6 +38,15 @@ inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
+// Bit count without the libgcc call __builtin_popcountll becomes when the build does not target
+// POPCNT (the portable default): the index rebuild counts one word per row of the table.
+inline int64_t popcount64(uint64_t x) {
+  x = x - ((x >> 1) & 0x5555555555555555ull);
+  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+  x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+  return static_cast<int64_t>((x * 0x0101010101010101ull) >> 56);
+}
+
 // Read-only view of the CSR row index. The slots of row r are row_slots[row_ptr[r] + k] for
 // the k-th set bit of the row's mask words (in column order), so walking the set bits gives the
 // slots without a popcount per block.
@@ -115,8 +124,8 @@ struct RowIndex {
     const int64_t w = j >> 6;
     const uint64_t bit = uint64_t(1) << (j & 63);
     if (!(m[w] & bit)) return -1;
-    int64_t rank = __builtin_popcountll(m[w] & (bit - 1));
-    for (int64_t u = 0; u < w; ++u) rank += __builtin_popcountll(m[u]);
+    int64_t rank = popcount64(m[w] & (bit - 1));
+    for (int64_t u = 0; u < w; ++u) rank += popcount64(m[u]);
     const int64_t pos = row_ptr[r] + rank;
     if (pos < 0 || pos >= C) return -2;
     const int64_t s = row_slots[pos];

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rebuild_index_cpu(const at::Tenso
 #pragma omp parallel for num_threads(nt) schedule(static) if (num_rows > 4096)
   for (int64_t r = 0; r < num_rows; ++r) {
     int32_t n = 0;
-    for (int64_t w = 0; w < W; ++w) n += __builtin_popcountll(mask[r * W + w]);
+    for (int64_t w = 0; w < W; ++w) n += popcount64(mask[r * W + w]);
     rp[r + 1] = n;
   }
   for (int64_t r = 0; r < num_rows; ++r) rp[r + 1] += rp[r];
@@ -77,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rebuild_index_cpu(const at::Tenso
     if (k < 0) continue;
     const int64_t r = k / NB, j = k - r * NB;
     const uint64_t* m = mask + r * W;
-    int64_t rank = __builtin_popcountll(m[j >> 6] & ((uint64_t(1) << (j & 63)) - 1));
-    for (int64_t w = 0; w < (j >> 6); ++w) rank += __builtin_popcountll(m[w]);
+    int64_t rank = popcount64(m[j >> 6] & ((uint64_t(1) << (j & 63)) - 1));
+    for (int64_t w = 0; w < (j >> 6); ++w) rank += popcount64(m[w]);
     rs[rp[r] + rank] = static_cast<int32_t>(s);
   }
   return {row_ptr, row_slots, row_mask};
