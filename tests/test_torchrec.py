@@ -41,10 +41,10 @@ SCHED = dict(update_every=2, prune_fraction=0.5, stop_at=100, grow="gradient", s
 # ----------------------------------------------------------------------- shared helpers
 
 
-def _tables():
+def _tables(all_sum: bool = False):
     from torchrec import EmbeddingBagConfig, PoolingType
 
-    return [
+    tables = [
         EmbeddingBagConfig(name="t0", num_embeddings=22, embedding_dim=16,
                            feature_names=["f0", "f1"]),
         EmbeddingBagConfig(name="t1", num_embeddings=15, embedding_dim=8, feature_names=["f2"],
@@ -53,16 +53,19 @@ def _tables():
         EmbeddingBagConfig(name="t3", num_embeddings=18, embedding_dim=16,
                            feature_names=["f4", "f5"]),
     ]
+    for t in tables if all_sum else []:  # per-sample weights need SUM pooling
+        t.pooling = PoolingType.SUM
+    return tables
 
 
 class Model(torch.nn.Module):
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, all_sum: bool = False):
         super().__init__()
         import dsl_kernels
 
         torch.manual_seed(seed)
         self.ebc = dsl_kernels.SparseEmbeddingBagCollection.from_torchrec(
-            _tables(), density=0.3, block_size=4)
+            _tables(all_sum), density=0.3, block_size=4)
 
     def forward(self, kjt):
         return self.ebc(kjt)
@@ -275,6 +278,7 @@ def test_sharded_forward_state_dict_and_pool_shares(tmp_path):
             assert c["full_equal"] and c["loaded_forward_err"] <= 1e-6, (kind, c)
             assert c["budget"] == c["share"], (kind, c)  # capacity_factor=1.0: exactly the share
             assert c["values_bytes"] == c["share"] * 4 * 4
+            assert kind == "planner" or c["weighted_err"] <= 1e-6, (kind, c)
         assert sum(r[kind]["share"] for r in res) == res[0][kind]["global_budget"]
     assert res[0]["table_wise"]["plan"] != res[0]["row_wise"]["plan"]
     # one process loads the gathered state dict: same tables as the sharded model
@@ -388,6 +392,14 @@ def _worker_forward(rank, world, out):
             "values_bytes": sh.pool.values.numel() * sh.pool.values.element_size(),
             "global_budget": ref.ebc.budget,
         }
+        if kind != "planner":  # per-sample weights travel with the ids (all-SUM tables)
+            model = Model(0, all_sum=True)
+            ref = copy.deepcopy(model)
+            dmp, _ = _dmp(model, kind, world)
+            kjt = _batch(0, rank, False)
+            kjt = type(kjt).from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths(),
+                                              weights=torch.rand(kjt.values().numel()))
+            res[kind]["weighted_err"] = float((dmp(kjt).values() - ref(kjt).values()).abs().max())
         if kind == "planner" and rank == 0:
             torch.save(full_state_dict(dmp), os.path.join(out, "forward_full.pt"))
             torch.save(other(_batch(0, 0, False)).values().detach(),
