@@ -21,7 +21,7 @@ each shard's capacity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -134,12 +134,14 @@ class ShardPool(SparseEmbeddingBagCollection):
 
     # ------------------------------------------------------------------ global mask update
     @torch.no_grad()
-    def dsl_prune_regrow_(self, keys: Tensor, scores: Tensor, fraction: float) -> Tensor:
+    def dsl_prune_regrow_(self, keys: Tensor, scores: Tensor, fraction: float,
+                          prunable: Optional[Tensor] = None) -> Tensor:
         """``DSLScheduler``'s extension point (see the module docstring): prune the ``k =
-        round(fraction * active blocks of all shards)`` weakest blocks of the collection and grow
-        its ``k`` best candidates; ties go to the lower key of the unsharded collection. Returns
-        this rank's slots that received a grown block (zeroed); freed slots are emptied and the
-        index is rebuilt here."""
+        round(fraction * active blocks of all shards)`` weakest blocks of the collection (among
+        this rank's ``prunable`` slots, default all active ones) and grow its ``k`` best
+        candidates; ties go to the lower key of the unsharded collection. Returns this rank's
+        slots that received a grown block (zeroed); freed slots are emptied and the index is
+        rebuilt here."""
         pg = self.process_group
         active = self.coord >= 0
         n_active = int(active.sum())
@@ -157,7 +159,8 @@ class ShardPool(SparseEmbeddingBagCollection):
         gk = self.global_keys(keys)
         g_order = _order(-scores, gk)[:k]
         # Prune candidates: the k weakest active blocks locally (NaN/Inf blocks first).
-        slots = torch.nonzero(active).squeeze(1)
+        slots = (torch.nonzero(active).squeeze(1) if prunable is None
+                 else prunable.to(self.coord.device, torch.int64))
         mag = torch.linalg.vector_norm(self.values[slots].float(), dim=1)
         mag = mag.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
         pk = self.global_keys(self.coord[slots])
@@ -206,24 +209,18 @@ def _choose(parts: List[Tensor], counts: Tensor, stats: Tensor, k: int
     pv, pkk, pr, pp = (torch.cat(x) for x in (p_val, p_key, p_rank, p_pos))
     gv, gkk, gr, gp = (torch.cat(x) for x in (g_val, g_key, g_rank, g_pos))
     po, go = _order(pv, pkk), _order(gv, gkk)  # weakest first; best first
-    free = (stats[:, 1] - stats[:, 0]).tolist()
+    free = stats[:, 1] - stats[:, 0]
     n = min(k, po.numel(), go.numel())
     while True:
-        prune_ranks = pr[po[:n]]
-        room = [free[r] + int((prune_ranks == r).sum()) for r in range(world)]
-        take = []
-        for i in go.tolist():
-            if len(take) == n:
-                break
-            r = int(gr[i])
-            if room[r] > 0:
-                room[r] -= 1
-                take.append(i)
-        if len(take) == n:
+        # A rank's candidates appear in the global order in its own order, so "grow in global
+        # order while the owner has room" = the first n candidates whose position within their
+        # rank is below that rank's room.
+        room = free + torch.bincount(pr[po[:n]], minlength=world)
+        take_t = go[gp[go] < room[gr[go]]][:n]
+        if take_t.numel() == n:
             break
-        n = len(take)  # a shard ran full: move fewer blocks
-    take_t = torch.tensor(take, dtype=torch.int64)
+        n = take_t.numel()  # a shard ran full: move fewer blocks
+    prune_ranks = pr[po[:n]]
     prune_sel = [pp[po[:n]][prune_ranks == r] for r in range(world)]
-    grow_sel = [gp[take_t][gr[take_t] == r] if n else torch.empty(0, dtype=torch.int64)
-                for r in range(world)]
+    grow_sel = [gp[take_t][gr[take_t] == r] for r in range(world)]
     return prune_sel, grow_sel
