@@ -370,11 +370,11 @@ class DSLScheduler:
             requested += k
             keys, scores = self._candidates(pool, m.tables, k)
             # Extension point: a pool that is one shard of a larger collection (see
-            # dsl_kernels.torchrec) defines ``dsl_prune_regrow_(keys, scores, fraction) -> slots``
-            # and applies one threshold across all shards itself.
+            # dsl_kernels.torchrec) defines ``dsl_prune_regrow_(keys, scores, fraction,
+            # prunable) -> grown slots`` and applies one threshold across all shards itself.
             sharded = getattr(m, "dsl_prune_regrow_", None)
             if sharded is not None:
-                slots_all.append(sharded(keys, scores, frac))
+                slots_all.append(sharded(keys, scores, frac, self._prunable(m, None)))
             elif k > 0:
                 slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
                                          m.num_blocks, self._prunable(m, None), backend, layout)
