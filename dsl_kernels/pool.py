@@ -295,24 +295,21 @@ class BlockSparseBase(nn.Module):
             self.rebuild_index()
         m = MODES[mode]
         pad = -1 if padding_idx is None else padding_idx
-        # dsl_kernels.fused.fuse_optimizer installs _fused_lookup: same forward, backward = fused update.
-        fused_lookup = getattr(self, "_fused_lookup", None)
         observed = bool(self.lookup_observers) and torch.is_grad_enabled()
+        observer = self._hook_id if observed else -1
         backend = self.backend_for(indices.device.type)
-        if fused_lookup is None:
-            # Observers get the output gradient from inside the op's backward (an opaque op
-            # reached by id), which torch.compile traces without a Python side effect.
-            out, max_idx = ops.lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
-                                      indices, offsets, psw, self.frozen, num_blocks, m, pad,
-                                      self.deterministic, backend,
-                                      self._hook_id if observed else -1)
+        # Observers and a fused optimizer (dsl_kernels.fused) act in the op's backward through
+        # opaque ops reached by id, which torch.compile traces without a Python side effect.
+        fo = getattr(self, "fused_optimizer", None)
+        if fo is not None and torch.is_grad_enabled():
+            out, *_ = ops.fused_lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
+                                       indices, offsets, psw, self.frozen, num_blocks, m, pad,
+                                       backend, fo.with_plan(backend, self.values, m),
+                                       fo.hook_id, observer)
             return out
-        out, max_idx = fused_lookup(self.values, self.row_ptr, self.row_slots, self.row_mask,
-                                    indices, offsets, psw, self.frozen, num_blocks, m, pad,
-                                    self.deterministic, backend)
-        if observed and out.requires_grad:
-            out.register_hook(lambda grad: self.notify_lookup(grad, indices, offsets, psw,
-                                                              max_idx, num_blocks, m, pad))
+        out, _ = ops.lookup(self.values, self.row_ptr, self.row_slots, self.row_mask, indices,
+                            offsets, psw, self.frozen, num_blocks, m, pad, self.deterministic,
+                            backend, observer)
         return out
 
     def notify_lookup(self, grad_out: Tensor, indices: Tensor, offsets: Tensor,

@@ -96,7 +96,6 @@ def test_matches_torch_optimizer(backend, name, mode):
 def _unfused_grad(emb, idx, off, psw=None, frozen=None):
     twin = copy.deepcopy(emb)
     fused.unfuse_optimizer(twin)
-    twin._fused_lookup = None
     twin.frozen = frozen
     out = twin(idx, off, psw)
     w = torch.linspace(-1, 1, out.numel()).view_as(out)
@@ -470,3 +469,15 @@ def test_deepcopy_drives_the_copy():
     fused.unfuse_optimizer(twin)
     twin(torch.tensor([1, 2, 3]), torch.tensor([0])).sum().backward()
     assert twin.values.grad is not None and emb.values.grad is None
+
+
+def test_fbgemm_style_accessors():
+    emb = dsl_kernels.SparseEmbeddingBag(30, 8, mode="sum", density=0.5, block_size=4)
+    fo = fuse_optimizer(emb, "adam", lr=0.5)
+    fo.set_learning_rate(0.25)
+    assert fo.get_learning_rate() == 0.25 and fo.lr == 0.25
+    m, v = fo.split_optimizer_states()
+    assert m.shape == v.shape == emb.values.shape and m.data_ptr() == emb.fused_state1.data_ptr()
+    with pytest.raises(ValueError, match="lr"):
+        fo.set_learning_rate(-1.0)
+    assert fo.lr == 0.25

@@ -24,10 +24,13 @@ and applies one of
 Untouched slots are not modified at all (lazy semantics): with ``weight_decay=0`` this equals
 the dense torch optimizer for SGD and Adagrad, whose untouched rows get a zero gradient.
 
-Layout: ``optim.py`` (the user API), ``autograd.py`` (forward = ``dsl::lookup``, backward =
-``dsl::fused_update``); the op is :mod:`dsl_kernels.ops.fused_update`, its implementations are
-``dsl_kernels/backends/<b>/fused_update.py`` and the touched-rows plan the kernels walk is
-``dsl_kernels/backends/touched_rows.py``.
+Layout: ``optim.py`` (the user API). A fused module's forward is ``dsl::fused_lookup``
+(:mod:`dsl_kernels.ops.fused_lookup`), whose backward reaches :meth:`FusedOptimizer.step_from_backward`
+through the opaque op ``dsl::fused_step_`` (so it compiles with ``fullgraph=True``); the update
+itself is ``dsl::fused_update`` (:mod:`dsl_kernels.ops.fused_update`, implemented in
+``dsl_kernels/backends/<b>/fused_update.py`` over the touched-rows plan of
+``dsl_kernels/backends/touched_rows.py``), or on the cpu backend the plan the forward emitted
+(``backends/cpu/fused_step.py``).
 
 Optimizer state is fp32 ``[C, B]`` (``[C]`` for row-wise Adagrad), registered as buffers of the
 module (``fused_state1``, ``fused_state2``, ``fused_step``), hence saved in its ``state_dict``

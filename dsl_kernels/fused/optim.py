@@ -10,9 +10,9 @@ from torch import Tensor
 
 from ..format import (ADAGRAD, ADAM, ADAMW, NAN_POLICIES, NAN_RAISE, OPTIMIZERS,
                       ROWWISE_ADAGRAD, SGD)
-from ..ops import fused_update
+from ..backends import has_impl, implementation
+from ..ops import fused_update, hooks, per_sample_weights_grad
 from ..pool import BlockSparseBase
-from .autograd import _FusedLookup
 
 # eps defaults of the matching torch optimizers (FBGEMM's for row-wise Adagrad).
 _DEFAULT_EPS = {SGD: 0.0, ADAGRAD: 1e-10, ROWWISE_ADAGRAD: 1e-8, ADAM: 1e-8, ADAMW: 1e-8}
@@ -22,9 +22,11 @@ class FusedOptimizer:
     """Optimizer fused into the backward of one sparse module (see the module docstring).
 
     Build it with :func:`fuse_optimizer`. Attributes ``lr``, ``betas``, ``eps``,
-    ``weight_decay`` may be changed between steps (e.g. by an lr schedule). Every call of the
-    module that runs a backward is one optimizer step (the step count is shared by all the
-    table groups of a collection call, so lazy Adam's bias correction matches SparseAdam).
+    ``weight_decay`` may be changed between steps (e.g. by an lr schedule), or use FBGEMM's
+    :meth:`set_learning_rate` / :meth:`split_optimizer_states`. The backward that follows one
+    or more calls of the module is one optimizer step (the step count is shared by all the
+    lookups it back-propagates, e.g. the table groups of a collection call, so lazy Adam's bias
+    correction matches SparseAdam).
     """
 
     def __init__(self, name: str = "adam", lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -91,9 +93,10 @@ class FusedOptimizer:
                 module.register_buffer(name, t)
         module.register_buffer("fused_step", torch.zeros((), dtype=torch.int64, device=dev))
         self._module_ref = weakref.ref(module)
+        # BlockSparseBase._lookup sees it and runs dsl::fused_lookup with this id, whose backward
+        # reaches step_from_backward through dsl::fused_step_ (an opaque op: compile-safe).
+        self.hook_id = hooks.register(self)
         module.fused_optimizer = self
-        # The hook pool.BlockSparseBase._lookup consults (its one fused-path line).
-        module._fused_lookup = self._lookup
         self._hooks = [
             module.register_forward_pre_hook(self._on_call),
             module.register_load_state_dict_post_hook(self._on_load),
@@ -113,6 +116,7 @@ class FusedOptimizer:
         m = st.pop("_module_strong", None)
         self.__dict__.update(st)
         self._module_ref = weakref.ref(m) if m is not None else None
+        self.hook_id = hooks.register(self)  # a copy is another optimizer
 
     def detach(self) -> None:
         """Undo :meth:`attach`: the module trains with ``values.grad`` again (state dropped)."""
@@ -127,7 +131,6 @@ class FusedOptimizer:
         for name in ("fused_state1", "fused_state2", "fused_step"):
             module.unregister_slot_buffer(name)
         module.fused_optimizer = None
-        module._fused_lookup = None
         self._module_ref = None
 
     def _on_call(self, module, args):
@@ -137,25 +140,38 @@ class FusedOptimizer:
         self._step = int(module.fused_step)
         self._last_call = self._call_id  # no step increment for a pending call
 
-    def _lookup(self, values, row_ptr, row_slots, row_mask, indices, offsets, psw, frozen,
-                num_blocks, mode, padding_idx, deterministic, backend):
-        """Drop-in for ``ops.lookup`` whose backward is the fused update."""
-        return _FusedLookup.apply(self, self._call_id, values, row_ptr, row_slots, row_mask,
-                                  indices, offsets, psw, frozen, num_blocks, mode, padding_idx,
-                                  deterministic, backend)
+    def with_plan(self, backend: str, values: Tensor, mode: int) -> bool:
+        """Whether ``backend`` emits the backward's plan in the forward for this pool and mode
+        (the ``fused_lookup`` registry op, cpu sum/mean today)."""
+        if not (has_impl(backend, "fused_lookup") and has_impl(backend, "fused_apply")):
+            return False
+        supports = getattr(implementation(backend, "fused_lookup"), "supports", None)
+        return supports is None or bool(supports(values, mode))
 
     # ------------------------------------------------------------------ update
     @property
     def step_count(self) -> int:
         return self._step
 
-    def _apply(self, call_id, grad_out, row_ptr, row_slots, row_mask, indices, offsets, psw,
-               max_idx, frozen, num_blocks, mode, padding_idx, backend, plan=()) -> None:
-        """One optimizer step from the backward of a lookup; ``plan`` is the ``(plan,
-        plan_scale)`` the cpu backend's forward emitted (autograd.py), else empty."""
+    def step_from_backward(self, values: Tensor, grad_out: Tensor, row_ptr: Tensor,
+                           row_slots: Tensor, row_mask: Tensor, indices: Tensor,
+                           offsets: Tensor, psw: Optional[Tensor], max_idx: Tensor,
+                           frozen: Optional[Tensor], plan: Tensor, plan_scale: Tensor,
+                           num_blocks: int, mode: int, padding_idx: int, psw_grad: bool,
+                           backend: str) -> Tensor:
+        """One optimizer step from the backward of a lookup (called by ``dsl::fused_step_``):
+        updates ``values`` and the state in place; returns the fp32 gradient of ``psw`` (empty
+        unless ``psw_grad``), formed from the values before the update as the unfused path
+        does. The first backward after a module call counts one step (shared by the table
+        groups of a collection call, so lazy Adam's bias correction matches SparseAdam)."""
         module = self.module
-        if call_id != self._last_call:  # first backward of this module call: one more step
-            self._last_call = call_id
+        grad_psw = grad_out.new_empty((0,), dtype=torch.float32)
+        if psw_grad:
+            grad_psw = per_sample_weights_grad(grad_out, values.detach(), row_ptr, row_slots,
+                                               row_mask, indices, offsets, num_blocks,
+                                               padding_idx, backend)
+        if self._call_id != self._last_call:
+            self._last_call = self._call_id
             self._step += 1
             module.fused_step.fill_(self._step)
         policy = NAN_POLICIES[self.nan_policy]
@@ -167,25 +183,40 @@ class FusedOptimizer:
                 raise FloatingPointError("non-finite gradient reached the fused optimizer of "
                                          f"{type(module).__name__}; nothing was updated")
         with torch.no_grad():
-            if plan:
-                from ..backends.cpu.fused_step import apply_plan
-
-                skipped = apply_plan(grad_out, module.values.detach(), module.fused_state1,
-                                     module.fused_state2, *plan, self.code, self.lr,
-                                     self.betas[0], self.betas[1], self.eps, self.weight_decay,
-                                     self._step, policy)
+            v = values.detach()
+            if self.with_plan(backend, v, mode):  # the forward's decision, made again
+                skipped = implementation(backend, "fused_apply")(
+                    grad_out, v, module.fused_state1, module.fused_state2, plan, plan_scale,
+                    self.code, self.lr, self.betas[0], self.betas[1], self.eps,
+                    self.weight_decay, self._step, policy)
             else:
-                skipped = fused_update(grad_out, module.values.detach(), row_ptr, row_slots,
-                                       row_mask, indices, offsets, psw, max_idx, frozen,
-                                       module.fused_state1, module.fused_state2, num_blocks,
-                                       mode, padding_idx, self.code, self.lr, self.betas[0],
-                                       self.betas[1], self.eps, self.weight_decay, self._step,
-                                       policy, backend)
+                skipped = fused_update(grad_out, v, row_ptr, row_slots, row_mask, indices,
+                                       offsets, psw, max_idx, frozen, module.fused_state1,
+                                       module.fused_state2, num_blocks, mode, padding_idx,
+                                       self.code, self.lr, self.betas[0], self.betas[1],
+                                       self.eps, self.weight_decay, self._step, policy, backend)
         if policy == NAN_RAISE and int(skipped) > 0:
             raise FloatingPointError(f"{int(skipped)} slot updates were non-finite and skipped "
                                      "(the other touched slots were updated)")
         # Accumulated on device; read on demand (no host sync per step).
         self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        return grad_psw
+
+    def set_learning_rate(self, lr: float) -> None:
+        """FBGEMM's spelling of ``self.lr = lr`` (checked)."""
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        self.lr = float(lr)
+
+    def get_learning_rate(self) -> float:
+        return self.lr
+
+    def split_optimizer_states(self) -> Tuple[Tensor, ...]:
+        """The per-slot state tensors (as FBGEMM's method of that name; one pool, so one
+        entry per state, rows = slots): Adagrad ``(sum,)``, row-wise Adagrad ``(sum[C],)``,
+        Adam/AdamW ``(exp_avg, exp_avg_sq)``, SGD ``()``."""
+        module = self.module
+        return tuple(t for t in (module.fused_state1, module.fused_state2) if t.numel())
 
     def num_skipped(self) -> int:
         """Slots whose update was skipped as non-finite so far (synchronises)."""

@@ -11,10 +11,14 @@ Every op takes a trailing ``backend: str`` naming the implementation
 ``dsl::rebuild_index``     CSR row index from ``coord`` -> ``(row_ptr, row_slots, row_mask)``
 ``dsl::prune_regrow_``     in-place mask update -> ``(slots, pruned_keys)``
 ``dsl::fused_update``      backward + optimizer step in place -> ``skipped int64[1]``
+``dsl::fused_lookup``      forward of a fused module (its backward is the optimizer step)
+``dsl::observe_lookup``    backward hook: hands a lookup's gradient to the sparsity engine
+``dsl::fused_step_``       backward hook: the fused optimizer's step (hooks.py)
 =========================  ==============================================================
 
 ``dsl_kernels.ops.<op>`` is the op itself (the file is ``dsl_kernels/ops/<op>.py``).
 """
+from .fused_lookup import fused_lookup
 from .fused_update import fused_update
 from .grow_scores import grow_scores
 from .lookup import lookup, per_sample_weights_grad
@@ -23,4 +27,4 @@ from .prune_regrow import prune_regrow_
 from .rebuild_index import rebuild_index
 
 __all__ = ["lookup", "lookup_backward", "grow_scores", "rebuild_index", "prune_regrow_",
-           "fused_update", "per_sample_weights_grad"]
+           "fused_update", "fused_lookup", "per_sample_weights_grad"]

@@ -1,9 +1,10 @@
-"""Python objects the backward of ``dsl::lookup`` reports to (a pool whose lookups are observed
-by the sparsity engine), known by an integer id.
+"""Python objects the backward of ``dsl::lookup`` / ``dsl::fused_lookup`` reports to (a pool
+whose lookups the sparsity engine observes, a fused optimizer), known by an integer id.
 
 The id is what crosses a ``torch.compile`` graph (an int argument of the op); the object stays
-out of it and is reached at run time by the opaque op :func:`observe_lookup`, so observing the
-gradient is no Python side effect inside the traced region ("Unsafe side effect" otherwise).
+out of it and is reached at run time by the opaque ops :func:`observe_lookup` and
+:func:`fused_step_`, so observing the gradient or stepping the optimizer is no Python side effect
+inside the traced region (``torch.compile`` rejects those as "Unsafe side effect").
 """
 from __future__ import annotations
 
@@ -49,3 +50,25 @@ def observe_lookup(grad_out: Tensor, indices: Tensor, offsets: Tensor,
 def _observe_lookup_fake(grad_out, indices, offsets, per_sample_weights, max_idx, num_blocks,
                          mode, padding_idx, observer):
     return torch.empty_like(grad_out)
+
+
+@torch.library.custom_op("dsl::fused_step_", mutates_args=("values",))
+def fused_step_(values: Tensor, grad_out: Tensor, row_ptr: Tensor, row_slots: Tensor,
+                row_mask: Tensor, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Optional[Tensor], max_idx: Tensor, frozen: Optional[Tensor],
+                plan: Tensor, plan_scale: Tensor, num_blocks: int, bag_mode: int,
+                padding_idx: int, psw_grad: bool, backend: str, fused: int) -> Tensor:
+    """The backward of ``dsl::fused_lookup``: ``resolve(fused).step_from_backward(...)`` updates
+    ``values`` (and the optimizer state it holds) in place and returns the gradient of
+    ``per_sample_weights`` (fp32, empty unless ``psw_grad``). (``bag_mode``, not ``mode``: the
+    functionalisation wrapper of a mutating op takes a ``mode`` keyword of its own.)"""
+    return resolve(fused).step_from_backward(
+        values, grad_out, row_ptr, row_slots, row_mask, indices, offsets, per_sample_weights,
+        max_idx, frozen, plan, plan_scale, num_blocks, bag_mode, padding_idx, psw_grad, backend)
+
+
+@fused_step_.register_fake
+def _fused_step_fake(values, grad_out, row_ptr, row_slots, row_mask, indices, offsets,
+                     per_sample_weights, max_idx, frozen, plan, plan_scale, num_blocks, bag_mode,
+                     padding_idx, psw_grad, backend, fused):
+    return grad_out.new_empty((indices.shape[0] if psw_grad else 0,), dtype=torch.float32)

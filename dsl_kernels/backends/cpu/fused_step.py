@@ -8,8 +8,9 @@ them as the plan (``int32 [P, 2]``: slot, bag * NB + col; plus per-item scales i
 with per-sample weights), and the backward (``dsl_C::fused_apply``) sorts it by slot (radix,
 stable) and applies the optimizer to each touched slot once. Same numbers as
 ``dsl::fused_update`` on the cpu backend, bit for bit; frozen slots are dropped from the plan
-before the sort. :mod:`dsl_kernels.fused.autograd` takes this path for sum/mean pooling on the
-cpu backend; max pooling keeps ``dsl::fused_update``.
+before the sort. Registered as the cpu backend's ``fused_lookup`` and ``fused_apply``:
+``dsl::fused_lookup`` (ops/fused_lookup.py) takes this path for sum/mean pooling on the cpu
+backend; max pooling keeps ``dsl::fused_update``.
 """
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ from torch import Tensor
 
 from ...format import MODE_MAX
 from ..reference.fused_update import adam_step_size
+from ..registry import register_impl
 from .fused_update import has_compiled_op
+
+
+# Asked once: the dispatcher query is not traceable by torch.compile (and never changes).
+_HAS_KERNELS = has_compiled_op("dsl_C::fused_lookup", "CPU")
 
 
 def supported(values: Tensor, mode: int) -> bool:
     """Whether the plan path runs for this pool and pooling mode."""
-    return (values.device.type == "cpu" and mode != MODE_MAX
-            and has_compiled_op("dsl_C::fused_lookup", "CPU"))
+    return values.device.type == "cpu" and mode != MODE_MAX and _HAS_KERNELS
 
 
 def lookup_with_plan(values: Tensor, row_ptr: Tensor, row_slots: Tensor, row_mask: Tensor,
@@ -48,17 +53,7 @@ def apply_plan(grad_out: Tensor, values: Tensor, state1: Tensor, state2: Tensor,
                                        nan_policy)
 
 
-if has_compiled_op("dsl_C::fused_lookup", "CPU"):
-    # Fake impls, so a fused module traces under torch.compile (the plan is data-dependent).
-    @torch.library.register_fake("dsl_C::fused_lookup")
-    def _fused_lookup_fake(values, row_ptr, row_slots, row_mask, indices, offsets,
-                           per_sample_weights, frozen, num_blocks, mode, padding_idx):
-        n = torch.library.get_ctx().new_dynamic_size()
-        out = values.new_empty((offsets.shape[0] - 1, num_blocks * values.shape[1]))
-        scaled = per_sample_weights is not None or mode != 0
-        return (out, values.new_empty((n, 2), dtype=torch.int32),
-                values.new_empty((n if scaled else 0,), dtype=torch.float32))
-
-    @torch.library.register_fake("dsl_C::fused_apply")
-    def _fused_apply_fake(grad_out, values, state1, state2, plan, plan_scale, *args):
-        return values.new_empty((1,), dtype=torch.int64)
+if _HAS_KERNELS:
+    lookup_with_plan.supports = supported  # type: ignore[attr-defined]
+    register_impl("cpu", "fused_lookup")(lookup_with_plan)
+    register_impl("cpu", "fused_apply")(apply_plan)
