@@ -92,19 +92,34 @@ def test_structural_checks_still_run_when_compiling():
         fwd(model, torch.rand(4), torch.tensor([0, 2]))
 
 
-def _train(model, opt, sched, loss_fn, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx, off = _batch(gen, "cpu")
-        opt.zero_grad()
-        loss = loss_fn(model, idx, off)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(float(loss))
-    return losses
+def _loss(m, idx, off):
+    return (m(idx, off) ** 2).mean()
+
+
+def _eager_and_compiled(build, steps):
+    """Train a fresh ``build(backend) -> (model, opt, sched)`` eagerly and compiled
+    (fullgraph); ``{"eager" | "compiled": (losses, model, sched)}``."""
+    runs = {}
+    for name, fn in (("eager", _loss), ("compiled", torch.compile(_loss, fullgraph=True))):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, opt, sched = build()
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            idx, off = _batch(gen, "cpu")
+            opt.zero_grad()
+            loss = fn(model, idx, off)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(float(loss))
+        runs[name] = (losses, model, sched)
+    assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+    torch.testing.assert_close(runs["compiled"][1].emb.values.detach(),
+                               runs["eager"][1].emb.values.detach(), rtol=1e-5, atol=1e-6)
+    return runs
 
 
 @pytest.mark.parametrize("skip_stale", [False, True], ids=["dsl", "dsl-skip-stale"])
@@ -113,26 +128,19 @@ def test_compiled_with_dsl_scheduler_matches_eager(skip_stale):
     scheduler attached to the model does not break fullgraph compilation or change results."""
     from dsl_kernels.sparsity import DSLScheduler
 
-    def loss_fn(m, idx, off):
-        return (m(idx, off) ** 2).mean()
-
-    runs = {}
-    for name, fn in (("eager", loss_fn), ("compiled", torch.compile(loss_fn, fullgraph=True))):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
+    def build():
         model = Model("sum", "cpu", "reference")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = DSLScheduler(model, opt, update_every=2, prune_fraction=0.5, stop_at=20,
                              score_window=2, skip_stale=skip_stale, stale_window=2,
-                             target_skip=0.5)
-        losses = _train(model, opt, sched, fn, 6)
-        runs[name] = (losses, model.emb.coord.clone(), model.emb.values.detach().clone(),
-                      sched.stats()["moved_blocks"])
-    assert runs["eager"][3] > 0
-    assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
-    assert torch.equal(runs["compiled"][1], runs["eager"][1])
-    torch.testing.assert_close(runs["compiled"][2], runs["eager"][2], rtol=1e-5, atol=1e-6)
-    assert runs["compiled"][3] == runs["eager"][3]
+                             target_skip=0.5, keep_rows=False)
+        return model, opt, sched
+
+    runs = _eager_and_compiled(build, 6)
+    (_, em, es), (_, cm, cs) = runs["eager"], runs["compiled"]
+    assert es.stats()["moved_blocks"] > 0
+    assert torch.equal(cm.emb.coord, em.emb.coord)
+    assert cs.stats() == es.stats()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])  # cpu: the forward emits the plan
@@ -140,18 +148,10 @@ def test_compiled_with_fused_optimizer_matches_eager(backend):
     """fuse_optimizer: the update runs inside the compiled backward, values.grad stays None."""
     from dsl_kernels.fused import fuse_optimizer
 
-    def loss_fn(m, idx, off):
-        return (m(idx, off) ** 2).mean()
-
-    runs = {}
-    for name, fn in (("eager", loss_fn), ("compiled", torch.compile(loss_fn, fullgraph=True))):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
+    def build():
         model = Model("sum", "cpu", backend)
         fuse_optimizer(model.emb, "adam", lr=0.05)
-        opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
-        losses = _train(model, opt, None, fn, 4)
+        return model, torch.optim.SGD(model.head.parameters(), lr=0.1), None
+
+    for _, model, _ in _eager_and_compiled(build, 4).values():
         assert model.emb.values.grad is None and int(model.emb.fused_step) == 4
-        runs[name] = (losses, model.emb.values.detach().clone())
-    assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
-    torch.testing.assert_close(runs["compiled"][1], runs["eager"][1], rtol=1e-5, atol=1e-6)
