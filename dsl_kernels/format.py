@@ -1,8 +1,8 @@
 """The storage format of a slot pool and the codes of the ``dsl`` op arguments, defined once.
 
 Every backend (reference, cpu, cuda, triton) reads the same format; the constants below are
-the only Python definition of it (C++/CUDA mirror them in ``csrc/checks.h``, Triton's jitted
-row lookup is ``backends/triton/_bits.py``).
+the only Python definition of it (C++/CUDA mirror the mode codes in ``csrc/checks.h`` and
+``csrc/cuda/launch.h``; Triton's jitted row lookup is ``backends/triton/_bits.py``).
 
 Pool
 ----
