@@ -33,8 +33,9 @@ def _env():
 
 
 def _args(tmp_path, name, shard, epochs, *extra):
-    return ["dlrm", "--shard", shard, "--rows", "2000", "--epochs", str(epochs), "--dim", "8",
-            "--batch-size", "64", "--update-every", "10", "--device", "cpu", "--threads", "1",
+    # 4 blocks per row at density 0.5: prunable even when each row keeps its last block
+    return ["dlrm", "--shard", shard, "--rows", "2000", "--epochs", str(epochs), "--dim", "16",
+            "--block-size", "4", "--density", "0.5", "--batch-size", "64", "--update-every", "10", "--device", "cpu", "--threads", "1",
             "--no-progress", "--no-plot", "--out", str(tmp_path), "--name", name, *extra]
 
 
