@@ -1,7 +1,7 @@
-"""``dsl-train dlrm --nproc 2 --shard row_wise|table_wise``: the tables sharded by torchrec
-(dsl_kernels.torchrec), DSL mask updates across shards, and ``--resume`` of a sharded
-checkpoint (torch.distributed.checkpoint) equal to the uninterrupted run. Skipped only when
-torchrec is not installed (CI installs it)."""
+"""``dsl-train dlrm --nproc 2 [--shard row_wise|table_wise]``: the tables sharded by torchrec
+(dsl_kernels.torchrec), DSL mask updates across shards, and ``--resume`` with ``--nproc 2`` (a
+sharded torch.distributed.checkpoint, or the data-parallel run's checkpoint) equal to the
+uninterrupted run. The sharded tests skip only when torchrec is not installed (CI installs it)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ try:
 except ImportError:
     HAVE_TORCHREC = False
 
-pytestmark = pytest.mark.skipif(
+needs_torchrec = pytest.mark.skipif(
     not HAVE_TORCHREC, reason="torchrec is not installed (pip install -e '.[torchrec]'; CPU: "
                               "fbgemm-gpu-cpu + torchrec --no-deps, see README)")
 
@@ -34,7 +34,8 @@ def _env():
 
 def _args(tmp_path, name, shard, epochs, *extra):
     # 4 blocks per row at density 0.5: prunable even when each row keeps its last block
-    return ["dlrm", "--shard", shard, "--rows", "2000", "--epochs", str(epochs), "--dim", "16",
+    sharding = ["--shard", shard] if shard else []
+    return ["dlrm", *sharding, "--rows", "2000", "--epochs", str(epochs), "--dim", "16",
             "--block-size", "4", "--density", "0.5", "--batch-size", "64", "--update-every", "10", "--device", "cpu", "--threads", "1",
             "--no-progress", "--no-plot", "--out", str(tmp_path), "--name", name, *extra]
 
@@ -60,24 +61,28 @@ def _check_run(rep):
     assert rep["epochs"][1]["loss"] < rep["epochs"][0]["loss"]
 
 
+@needs_torchrec
 def test_dlrm_table_wise_trains_with_dsl(tmp_path):
     _check_run(_train(tmp_path, "s", "table_wise", 2))
 
 
-def test_dlrm_sharded_resume_equals_straight(tmp_path):
+@pytest.mark.parametrize("shard", [pytest.param("row_wise", marks=needs_torchrec), None],
+                         ids=["row_wise", "data_parallel"])
+def test_dlrm_nproc_resume_equals_straight(tmp_path, shard):
     """The same 2-epoch run straight, and killed right after epoch 1's checkpoint (both ranks),
     then resumed with --nproc 2 (the schedule depends on --epochs, so the interrupted run must
     be the same 2-epoch run)."""
-    straight = _train(tmp_path, "straight", "row_wise", 2)
-    _check_run(straight)
+    straight = _train(tmp_path, "straight", shard, 2)
+    if shard:
+        _check_run(straight)
     ck = str(tmp_path / "ck")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.abspath(__file__), "die-after-epoch-1",
-           *_args(tmp_path, "killed", "row_wise", 2, "--checkpoint", ck)]
+           *_args(tmp_path, "killed", shard, 2, "--checkpoint", ck)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "killed after epoch 1" in r.stdout + r.stderr, r.stderr[-3000:]
-    assert os.path.exists(os.path.join(ck, ".metadata"))
-    resumed = _train(tmp_path, "resumed", "row_wise", 2, "--resume", ck, "--checkpoint", ck)
+    assert os.path.exists(os.path.join(ck, ".metadata") if shard else ck)
+    resumed = _train(tmp_path, "resumed", shard, 2, "--resume", ck, "--checkpoint", ck)
     assert len(resumed["epochs"]) == 2 and resumed["epochs"][-1]["mask_updates"] > 0
     assert _curve(resumed) == _curve(straight)
     assert resumed["final"] == straight["final"]
@@ -94,6 +99,9 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "die-after-ep
     def save_then_die(tcfg, mcfg, model, ctl, epoch, history, best=None):
         save(tcfg, mcfg, model, ctl, epoch, history, best)
         if epoch == 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 alone writes the data-parallel checkpoint: let it finish
             print("killed after epoch 1", flush=True)
             os._exit(3)
 
