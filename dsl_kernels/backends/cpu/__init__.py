@@ -31,5 +31,5 @@ def import_extension():
 import_extension()
 
 from . import fused_update, grow_scores, lookup, lookup_backward, rebuild_index  # noqa: E402,F401
-from . import fused_step  # noqa: E402,F401  (plan-emitting fused step; registers its fakes)
+from . import fused_step  # noqa: E402,F401  (plan-emitting fused step: fused_lookup/apply)
 from . import prune_regrow  # noqa: E402,F401
