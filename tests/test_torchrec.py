@@ -114,6 +114,15 @@ def _concat(kjts):
 def _train_single(world: int, steps: int = STEPS):
     """The reference: one process, the concatenated global batch, loss = mean over ranks of
     each rank's loss (torchrec divides embedding gradients by the world size, like DDP)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: other tests may have changed it in this process
+    try:
+        return _train_single_1(world, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_single_1(world: int, steps: int):
     from dsl_kernels.sparsity import DSLScheduler
 
     model = Model(0)
