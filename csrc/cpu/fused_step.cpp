@@ -27,11 +27,11 @@
 #include "common.h"
 #include "fused_checks.h"
 #include "fused_update.h"
+#include "staged_lookup.h"
 
 namespace dsl_cpu {
 namespace {
 
-constexpr const char* kLookupOp = "dsl_C::fused_lookup";
 constexpr const char* kApplyOp = "dsl_C::fused_apply";
 constexpr int64_t kBagsPerChunk = 128;  // work unit of the forward (~2,500 entries at pooling 20)
 constexpr int64_t kAhead = 16;  // prefetch distance (entries / items) of the gather loops
@@ -174,22 +174,26 @@ void lookup_chunks(const T* values, const RowIndex& ix, int64_t B, const I* idx,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lookup_cpu(
-    const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& row_slots,
-    const at::Tensor& row_mask, const at::Tensor& indices, const at::Tensor& offsets,
-    const c10::optional<at::Tensor>& per_sample_weights, const c10::optional<at::Tensor>& frozen,
-    int64_t num_blocks, int64_t mode, int64_t padding_idx) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> staged_lookup(
+    const char* op, const at::Tensor& values, const at::Tensor& row_ptr,
+    const at::Tensor& row_slots, const at::Tensor& row_mask, const at::Tensor& indices,
+    const at::Tensor& offsets, const c10::optional<at::Tensor>& per_sample_weights,
+    const c10::optional<at::Tensor>& frozen, int64_t num_blocks, int64_t mode,
+    int64_t padding_idx, bool emit_plan) {
   const dsl::PoolDims p =
-      dsl::check_pool(kLookupOp, &values, row_ptr, row_slots, row_mask, num_blocks);
-  const int64_t num_bags = dsl::check_bags(kLookupOp, indices, offsets, per_sample_weights, mode,
+      dsl::check_pool(op, &values, row_ptr, row_slots, row_mask, num_blocks);
+  const int64_t num_bags = dsl::check_bags(op, indices, offsets, per_sample_weights, mode,
                                            padding_idx, p.N, values.device());
-  TORCH_CHECK(mode == dsl::kModeSum || mode == dsl::kModeMean, kLookupOp,
+  TORCH_CHECK(mode == dsl::kModeSum || mode == dsl::kModeMean, op,
               ": mode must be 0 (sum) or 1 (mean); max pooling uses lookup + fused_update_rows");
-  TORCH_CHECK(num_bags <= std::numeric_limits<int32_t>::max() / p.NB, kLookupOp,
+  // (lookup.cpp checks this before it takes the staged path: the old kernel has no such limit)
+  TORCH_CHECK(num_bags <= std::numeric_limits<int32_t>::max() / p.NB, op,
               ": num_bags * num_blocks must fit in int32, got ", num_bags, " x ", p.NB);
-  dsl::check_frozen(kLookupOp, frozen, p.C, values.device());
+  dsl::check_frozen(op, frozen, p.C, values.device());
   const at::Tensor idx = indices.contiguous(), off = offsets.contiguous();
-  dsl::check_bag_values_cpu(kLookupOp, idx, off, p.N);
+  dsl::check_bag_values_cpu(op, idx, off, p.N);
   const at::Tensor vals = values.contiguous(), rp = row_ptr.contiguous(),
                    rs = row_slots.contiguous(), rm = row_mask.contiguous();
   const at::Tensor w = psw_float(per_sample_weights);
@@ -202,8 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lookup_cpu(
   std::vector<Chunk> chunks(nchunks);
   const RowIndex ix(rp, rs, rm, p);
   std::atomic<bool> corrupt{false};
-  DSL_DISPATCH_VALUE_TYPES(values.scalar_type(), kLookupOp, [&] {
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), kLookupOp, [&] {
+  DSL_DISPATCH_VALUE_TYPES(values.scalar_type(), "staged_lookup", [&] {
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "staged_lookup", [&] {
       lookup_chunks<scalar_t, index_t>(
           vals.data_ptr<scalar_t>(), ix, p.B, idx.data_ptr<index_t>(), off.data_ptr<index_t>(),
           num_bags, w.defined() ? w.data_ptr<float>() : nullptr, mode, padding_idx,
@@ -211,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lookup_cpu(
           corrupt);
     });
   });
-  check_not_corrupt(kLookupOp, corrupt.load());
+  check_not_corrupt(op, corrupt.load());
+  if (!emit_plan) return {out, at::Tensor(), at::Tensor()};
 
   // Concatenate the chunks' plans in bag order.
   const bool fzd = fz.defined();
@@ -234,6 +239,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lookup_cpu(
     }
   });
   return {out, plan, plan_scale};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_lookup_cpu(
+    const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+    const at::Tensor& row_mask, const at::Tensor& indices, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& per_sample_weights, const c10::optional<at::Tensor>& frozen,
+    int64_t num_blocks, int64_t mode, int64_t padding_idx) {
+  return staged_lookup("dsl_C::fused_lookup", values, row_ptr, row_slots, row_mask, indices,
+                       offsets, per_sample_weights, frozen, num_blocks, mode, padding_idx, true);
 }
 
 // ----------------------------------------------------------------------------- backward
