@@ -226,3 +226,37 @@ def test_backends_report():
     assert set(rep) == {"reference", "cpu", "cuda", "triton"}
     with pytest.raises(ValueError, match="backend"):
         SparseEmbeddingBag(10, 8, backend="nope")(torch.tensor([[1]]))
+
+
+def test_a_registered_backend_runs_its_ops_and_falls_back_to_reference(monkeypatch):
+    """The registry's extension point: a backend registers the ops it has; the rest run the
+    reference; `backends()` and a bad name say why."""
+    import dsl_kernels
+    from dsl_kernels.backends import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    calls = []
+    ref_lookup = registry.implementation("reference", "lookup")
+
+    def counting_lookup(*args):
+        calls.append("lookup")
+        return ref_lookup(*args)
+
+    dsl_kernels.register_backend("mine", lambda: None, ("cpu",))
+    dsl_kernels.register_impl("mine", "lookup")(counting_lookup)
+    emb = dsl_kernels.SparseEmbeddingBag(20, 8, mode="sum", density=0.5, block_size=4,
+                                         backend="mine")
+    ref = dsl_kernels.SparseEmbeddingBag(20, 8, mode="sum", density=0.5, block_size=4,
+                                         backend="reference")
+    ref.load_state_dict(emb.state_dict())
+    idx, off = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+    emb(idx, off).sum().backward()  # lookup_backward: reference fallback
+    ref(idx, off).sum().backward()
+    assert calls == ["lookup"]
+    assert torch.equal(emb.values.grad, ref.values.grad)
+    assert dsl_kernels.backends()["mine"] == {"cpu": None,
+                                              "cuda": "backend 'mine' does not run on cuda tensors"}
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        dsl_kernels.SparseEmbeddingBag(20, 8, density=0.5, block_size=4, backend="nope")(idx, off)
+    with pytest.raises(ValueError, match="unknown op"):
+        dsl_kernels.register_impl("mine", "not_an_op")
