@@ -31,6 +31,12 @@ class SparseEmbeddingBag(BlockSparseBase):
     equals ``F.embedding_bag(input, self.to_dense(), offsets, ...)`` and the gradient lands in
     the slots of the active blocks only, so any torch optimizer trains it at the budget.
 
+    The initial mask gives every row the same number of blocks (floor or ceil of the mean), in
+    its first columns (``mask_init="aligned"``, the default: rows always share their leading
+    blocks, so dot products between them are not 0 from the start) or at random columns
+    (``"random"``). ``dsl_kernels.sparsity.allocate_by_frequency_`` re-lays the mask by row
+    frequency when those are known (the recipe of ``dsl-train``; see docs/RESULTS.md).
+
     Example::
 
         >>> import torch, dsl_kernels
@@ -48,7 +54,8 @@ class SparseEmbeddingBag(BlockSparseBase):
                  density: float = 0.1, block_size: int = 8, padding_idx: Optional[int] = None,
                  include_last_offset: bool = False, dtype: Optional[torch.dtype] = None,
                  device=None, init: Init = None, backend: str = "auto", validate: bool = True,
-                 deterministic: bool = False, _init_mask: bool = True):
+                 deterministic: bool = False, mask_init: str = "aligned",
+                 _init_mask: bool = True):
         padding_idx = check_config(num_embeddings, embedding_dim, density, block_size, padding_idx)
         nb = embedding_dim // block_size
         spec = TableSpec("weight", 0, num_embeddings, nb, _check_mode(mode), padding_idx)
@@ -60,7 +67,7 @@ class SparseEmbeddingBag(BlockSparseBase):
         self.include_last_offset = include_last_offset
         self.target_density = float(density)
         if _init_mask:
-            self._init_even([budget], init)
+            self._init_even([budget], init, mask_init)
 
     def forward(self, input: Tensor, offsets: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
@@ -182,7 +189,7 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
     def __init__(self, tables: Sequence[Union[TableConfig, Mapping]], density: float = 0.1,
                  block_size: int = 8, dtype: Optional[torch.dtype] = None, device=None,
                  init: Init = None, backend: str = "auto", validate: bool = True,
-                 deterministic: bool = False, output: str = "dict"):
+                 deterministic: bool = False, output: str = "dict", mask_init: str = "aligned"):
         cfgs = [t if isinstance(t, TableConfig) else TableConfig(**t) for t in tables]
         if not cfgs:
             raise ValueError("tables must name at least one table")
@@ -203,7 +210,7 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
                          device, backend, validate, deterministic)
         self.configs = cfgs
         self.output = output
-        self._init_even(counts, init)
+        self._init_even(counts, init, mask_init)
 
     @classmethod
     def from_torchrec(cls, tables, density=0.1, block_size: int = 8, **kw):

@@ -55,12 +55,19 @@ def budget_for(num_rows: int, num_blocks: int, density: float) -> int:
     return max(1, min(num_rows * num_blocks, int(round(density * num_rows * num_blocks))))
 
 
+MASK_INITS = ("aligned", "random")
+
+
 def even_random_mask(num_rows: int, num_blocks: int, count: int, exclude_row: Optional[int],
-                     device) -> Tensor:
+                     device, mask_init: str = "random") -> Tensor:
     """``count`` distinct blocks spread evenly over the rows (each row gets floor or ceil of the
-    mean, the padding row none) at random columns, as local ``row * num_blocks + col`` keys.
-    Never builds an ``N x NB`` tensor unless rows are more than half full (then it is at most
-    twice the budget)."""
+    mean, the padding row none), as local ``row * num_blocks + col`` keys: at random columns, or
+    with ``mask_init="aligned"`` in each row's first columns (row r with k blocks holds columns
+    0..k-1, so two rows always share their first min(k_a, k_b) blocks: dot products between
+    rows, as in a recommender, do not start at 0). Never builds an ``N x NB`` tensor unless rows
+    are more than half full (then it is at most twice the budget)."""
+    if mask_init not in MASK_INITS:
+        raise ValueError(f"mask_init must be one of {', '.join(MASK_INITS)}, got {mask_init!r}")
     avail = num_rows - (1 if exclude_row is not None else 0)
     if avail <= 0:
         raise ValueError("a table needs at least one row besides padding_idx")
@@ -74,7 +81,10 @@ def even_random_mask(num_rows: int, num_blocks: int, count: int, exclude_row: Op
         row_ids = row_ids + (row_ids >= exclude_row).long()
     rows = torch.repeat_interleave(row_ids, per_row)
     top = base + (1 if extra else 0)
-    if 2 * top > num_blocks:
+    if mask_init == "aligned":
+        first = torch.cumsum(per_row, 0) - per_row
+        cols = torch.arange(count, device=device) - torch.repeat_interleave(first, per_row)
+    elif 2 * top > num_blocks:
         # Dense rows: random permutation of the columns of each row, first per_row[r] kept.
         perm = torch.argsort(torch.rand(avail, num_blocks, device=device), dim=1)
         keep = torch.arange(num_blocks, device=device).unsqueeze(0) < per_row.unsqueeze(1)
@@ -247,9 +257,10 @@ class BlockSparseBase(nn.Module):
         return (row + t.row_start) * self.num_blocks + col
 
     @torch.no_grad()
-    def _init_even(self, counts: List[int], init: Optional[Callable[[Tensor], object]]) -> None:
+    def _init_even(self, counts: List[int], init: Optional[Callable[[Tensor], object]],
+                   mask_init: str = "random") -> None:
         keys = [self._global_key(t, even_random_mask(t.num_rows, t.num_blocks, c, t.padding_idx,
-                                                     self.coord.device))
+                                                     self.coord.device, mask_init))
                 for t, c in zip(self.tables, counts)]
         k = torch.cat(keys)
         self.coord.fill_(-1)

@@ -135,7 +135,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = SparseEmbeddingBag(200, 16, mode="sum", density=0.25, block_size=4)
+            self.emb = SparseEmbeddingBag(200, 16, mode="sum", density=0.25, block_size=4,
+                                          mask_init="random")  # drift needs random columns
             self.head = nn.Linear(16, 1)
 
         def forward(self, idx, off):
@@ -230,7 +231,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     if sched is not None:
         torch.manual_seed(0)
         # 2 of 4 blocks per row: prunable even when each row keeps its last block (keep_rows)
-        emb2 = SparseEmbeddingBag(100, 16, mode="sum", density=0.5, block_size=4)
+        emb2 = SparseEmbeddingBag(100, 16, mode="sum", density=0.5, block_size=4,
+                                  mask_init="random")
         dd.sync_mask_(emb2, src=0)
         opt2 = torch.optim.SGD(emb2.parameters(), lr=0.0)
         sched2 = DSLScheduler(emb2, opt2, update_every=1, prune_fraction=0.5, stop_at=10,

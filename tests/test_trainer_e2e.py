@@ -161,11 +161,16 @@ def test_cli_train_sweep_and_errors(tmp_path, capsys):
 def test_demo_wiring(tmp_path, capsys):
     reps = cli.cmd_demo(out=str(tmp_path), progress=False, epochs=1, scale=0.1)
     methods = [r["method_config"]["method"] for r in reps]
-    assert methods[0] == "dense" and "static" in methods
+    assert methods[:2] == ["dense", "dense_small"]
     if engine_available():
-        assert "dsl" in methods
+        assert methods[2] == "dsl"
+        # dense-small and DSL at the same measured memory, a tenth of dense
+        shares = [r["memory"]["share_of_full_dense"] for r in reps]
+        assert shares[0] == pytest.approx(1.0, rel=1e-3)
+        assert shares[2] == pytest.approx(0.1, rel=0.05)
+        assert abs(shares[1] - shares[2]) < 0.04
     text = capsys.readouterr().out
-    assert "| run" in text and "% of dense" in text
+    assert "| run" in text and "% of dense" in text and "DSL at 10% memory" in text
     assert os.path.isfile(os.path.join(str(tmp_path), "demo-sweep.png"))
 
 

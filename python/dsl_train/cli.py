@@ -647,6 +647,17 @@ def cmd_gather(out: str, name: str) -> List[dict]:
     groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", -kv[0][1],
                                                          kv[0][0])))
     _report_sweep(groups, metric, out, name, os.path.basename(os.path.abspath(out)))
+    from .report import can_plot, plot_curves
+
+    curves = {}
+    for (label, x), reps in groups.items():
+        key = f"val_{metric}" if any(f"val_{metric}" in e for e in reps[0]["epochs"]) else metric
+        tag = label if label == "dense" else f"{label} @ {x:g}"
+        curves[tag] = [e.get(key) for e in reps[0]["epochs"]]
+    if can_plot() and curves:
+        p = plot_curves(os.path.join(out, name + "-curves.png"), curves,
+                        f"validation {metric}", title="epochs to quality (seed of the first run)")
+        print(p)
     return [r for reps in groups.values() for r in reps]
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dsl_kernels import BlockSparseBase, SparseEmbedding, SparseEmbeddingBagCollection, TableConfig
-from dsl_kernels.sparsity import align_, allocate_by_frequency_
+from dsl_kernels.sparsity import allocate_by_frequency_
 
 from .models import DenseEmbeddingBagCollection, SparseTables
 
@@ -46,7 +46,7 @@ class MethodConfig:
     # Initial mask of sparse tables: "frequency" (blocks per row ~ count ** frequency_power, in
     # the first columns; needs the rows' training counts, else falls back to "aligned"),
     # "aligned" (random per-row counts, first columns) or "random" (random columns).
-    mask_init: str = "random"
+    mask_init: str = "frequency"
     frequency_power: float = 0.5
     frequency_min_blocks: int = 1    # blocks every row that occurs gets first (budget allowing)
     dim: Optional[int] = None        # dense_small: the table's (reduced) dimension
@@ -170,19 +170,18 @@ def make_table(cfg: MethodConfig, num_rows: int, dim: int, device=None,
         return emb
     density = 1.0 if cfg.method == "dense_to_sparse" else cfg.density
     emb = SparseEmbedding(num_rows, dim, density=density, block_size=cfg.block_size,
-                          init=_normal(cfg.init_std), backend=cfg.backend, device=device)
+                          init=_normal(cfg.init_std), backend=cfg.backend, device=device,
+                          mask_init="random" if cfg.mask_init == "random" else "aligned")
     _init_mask(emb, cfg, row_counts)
     return emb
 
 
 def _init_mask(pool: BlockSparseBase, cfg: MethodConfig,
                row_counts: Optional[torch.Tensor]) -> None:
-    if cfg.method == "dense_to_sparse" or cfg.mask_init == "random":
-        return
-    if cfg.mask_init == "frequency" and row_counts is not None:
+    """The modules start random or aligned (even per-row counts, first columns); "frequency"
+    re-lays the aligned mask by the rows' training counts (aligned when there are none)."""
+    if cfg.method != "dense_to_sparse" and cfg.mask_init == "frequency" and row_counts is not None:
         allocate_by_frequency_(pool, row_counts, cfg.frequency_power, cfg.frequency_min_blocks)
-    else:  # "aligned", or "frequency" without counts
-        align_(pool)
 
 
 def make_collection(cfg: MethodConfig, sizes: Sequence[int], names: Sequence[str], dim: int,
@@ -196,7 +195,9 @@ def make_collection(cfg: MethodConfig, sizes: Sequence[int], names: Sequence[str
     ebc = SparseEmbeddingBagCollection([TableConfig(n, s, dim, "sum") for n, s in zip(names, sizes)],
                                        density=density, block_size=cfg.block_size,
                                        init=_normal(cfg.init_std), backend=cfg.backend,
-                                       device=device, output="concat")
+                                       device=device, output="concat",
+                                       mask_init="random" if cfg.mask_init == "random"
+                                       else "aligned")
     _init_mask(ebc, cfg, None)  # no per-row counts for CTR tables: frequency -> aligned
     return SparseTables(ebc, list(names), dim)
 

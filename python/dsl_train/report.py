@@ -223,7 +223,7 @@ def plot_pareto(path: str, points: List[dict], metric: str, dense: Optional[dict
         ax.axhline(dense[metric], color="k", ls="--", lw=1,
                    label=f"dense (100 % memory): {dense[metric]:.4f}")
     ax.set_xscale("log")
-    ticks = sorted({round(100 * r["share"], 1) for r in points})
+    ticks = sorted({float(round(100 * r["share"])) for r in points})  # whole percents: no overlap
     if ticks:
         from matplotlib.ticker import NullFormatter
 
