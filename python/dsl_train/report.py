@@ -158,6 +158,15 @@ def _plt():
     return plt
 
 
+def _write_figure(plt, fig, path: str) -> str:
+    """Lay out, save (creating the folder) and close a figure; returns ``path``."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(path: str, curves: Dict[str, Sequence], metric: str, xlabel: str = "epoch",
                 title: str = "", xs: Optional[Dict[str, Sequence]] = None) -> str:
     """One line per run: ``curves[label] = values`` (NaN/None skipped)."""
@@ -176,11 +185,7 @@ def plot_curves(path: str, curves: Dict[str, Sequence], metric: str, xlabel: str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _write_figure(plt, fig, path)
 
 
 def plot_sweep(path: str, rows: List[dict], metric: str, title: str = "") -> str:
@@ -199,11 +204,7 @@ def plot_sweep(path: str, rows: List[dict], metric: str, title: str = "") -> str
         ax.grid(alpha=0.3)
         ax.legend()
     a1.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _write_figure(plt, fig, path)
 
 
 def plot_pareto(path: str, points: List[dict], metric: str, dense: Optional[dict] = None,
@@ -235,11 +236,7 @@ def plot_pareto(path: str, points: List[dict], metric: str, dense: Optional[dict
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _write_figure(plt, fig, path)
 
 
 def fmt_bytes(n: float) -> str:
