@@ -24,15 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER_TIMEOUT_S = 300  # cold torch + torchrec imports, 4 processes sharing 2 cores
 
-try:
-    import torchrec  # noqa: F401
-    HAVE_TORCHREC = True
-except ImportError:
-    HAVE_TORCHREC = False
-
-needs_torchrec = pytest.mark.skipif(
-    not HAVE_TORCHREC, reason="torchrec is not installed (pip install -e '.[torchrec]'; CPU: "
-                              "fbgemm-gpu-cpu + torchrec --no-deps, see README)")
+from torchrec_support import HAVE_TORCHREC, needs_torchrec  # noqa: E402,F401
 
 STEPS, BATCH, LR = 6, 4, 0.5
 SCHED = dict(update_every=2, prune_fraction=0.5, stop_at=100, grow="gradient", score_window=2)

@@ -13,15 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    import torchrec  # noqa: F401
-    HAVE_TORCHREC = True
-except ImportError:
-    HAVE_TORCHREC = False
-
-needs_torchrec = pytest.mark.skipif(
-    not HAVE_TORCHREC, reason="torchrec is not installed (pip install -e '.[torchrec]'; CPU: "
-                              "fbgemm-gpu-cpu + torchrec --no-deps, see README)")
+from torchrec_support import HAVE_TORCHREC, needs_torchrec  # noqa: E402,F401
 
 
 def _env():
