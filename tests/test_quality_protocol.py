@@ -289,3 +289,19 @@ def test_sweep_at_equal_memory_table_and_plot(tmp_path, capsys):
     # --reuse gathers the finished runs instead of training them again
     assert cli.main(argv + ["--reuse"]) == 0
     assert capsys.readouterr().out.count("reusing") == 8
+
+
+def test_gather_keeps_models_apart(tmp_path, capsys):
+    """MF and LightGCN runs in one folder: one table per model, each with its own dense."""
+    out = str(tmp_path)
+    common = ["--data", "synthetic", "--memory-points", "0.25", "--methods", "dense_small",
+              "--epochs", "1", "--dim", "16", "--block-size", "4", "--negatives", "16",
+              "--no-progress", "--out", out]
+    for model in ("mf", "lightgcn"):
+        assert cli.main(["sweep", "--model", model, "--name", model] + common) == 0
+    assert cli.main(["sweep", "--gather", "--out", out, "--name", "g"]) == 0
+    for model in ("mf", "lightgcn"):
+        with open(os.path.join(out, f"g-{model}.json")) as f:
+            rep = json.load(f)
+        assert {r["train_config"]["model"] for r in rep["runs"]} == {model}
+        assert rep["dense"]["seeds"] == 1 and len(rep["points"]) == 1

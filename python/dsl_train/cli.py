@@ -626,39 +626,52 @@ def recipe_label(rep: dict) -> str:
 def cmd_gather(out: str, name: str) -> List[dict]:
     """The sweep table and plot of every finished run found in ``out`` (``<run>.json`` files
     written by ``dsl-train mf|lightgcn|sweep``), grouped by recipe and memory target: sweeps
-    split over several processes (``--reuse``) are gathered in one place."""
+    split over several processes (``--reuse``) are gathered in one place. Runs of different
+    models (MF and LightGCN in one folder) get one table each, ``<name>-<model>``."""
     import glob
     import json
 
-    groups: dict = {}
-    metric = "recall@20"
+    by_task: dict = {}
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         with open(path) as f:
             rep = json.load(f)
         if not isinstance(rep, dict) or "method_config" not in rep or "final" not in rep:
             continue  # a sweep summary, not a run
-        if rep.get("task") == "dlrm":
-            metric = "auc"
+        by_task.setdefault(rep.get("task", "mf"), []).append(rep)
+    if not by_task:
+        raise ValueError(f"--gather: no run reports (*.json) in {out}")
+    found = []
+    for task, reps in sorted(by_task.items()):
+        tag = name if len(by_task) == 1 else f"{name}-{task}"
+        if len(by_task) > 1:
+            print(f"\n{task}:")
+        found += _gather_one(reps, out, tag)
+    return found
+
+
+def _gather_one(reps: List[dict], out: str, name: str) -> List[dict]:
+    """:func:`cmd_gather` for the runs of one model."""
+    groups: dict = {}
+    metric = "auc" if reps[0].get("task") == "dlrm" else "recall@20"
+    for rep in reps:
         share = rep.get("train_config", {}).get("memory")
         x = share if share is not None else rep["method_config"]["density"]
         groups.setdefault((recipe_label(rep), x), []).append(rep)
-    if not groups:
-        raise ValueError(f"--gather: no run reports (*.json) in {out}")
     groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", -kv[0][1],
                                                          kv[0][0])))
     _report_sweep(groups, metric, out, name, os.path.basename(os.path.abspath(out)))
     from .report import can_plot, plot_curves
 
     curves = {}
-    for (label, x), reps in groups.items():
-        key = f"val_{metric}" if any(f"val_{metric}" in e for e in reps[0]["epochs"]) else metric
+    for (label, x), group in groups.items():
+        key = f"val_{metric}" if any(f"val_{metric}" in e for e in group[0]["epochs"]) else metric
         tag = label if label == "dense" else f"{label} @ {x:g}"
-        curves[tag] = [e.get(key) for e in reps[0]["epochs"]]
+        curves[tag] = [e.get(key) for e in group[0]["epochs"]]
     if can_plot() and curves:
         p = plot_curves(os.path.join(out, name + "-curves.png"), curves,
                         f"validation {metric}", title="epochs to quality (seed of the first run)")
         print(p)
-    return [r for reps in groups.values() for r in reps]
+    return [r for group in groups.values() for r in group]
 
 
 def cmd_sweep(a) -> List[dict]:
