@@ -151,7 +151,8 @@ class BlockSparseBase(nn.Module):
 
     @property
     def num_active_blocks(self) -> int:
-        return int((self.coord >= 0).sum())
+        # count_nonzero: a bool .sum() widens to an int64 [C] temporary inside the kernel.
+        return int(torch.count_nonzero(self.coord >= 0))
 
     @property
     def density(self) -> float:

@@ -152,3 +152,24 @@ class AllocationRecorder(TorchDispatchMode):
                     self.peak_op, self.peak_live = str(func), dict(self._live)
             weakref.finalize(t.untyped_storage(), self._release, key)
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Allocator-level peak: the torch profiler's memory records, which every torch allocation makes
+# (inside C++ kernels and inside aten kernels too, e.g. the int64 temporary a bool .sum() widens
+# to), unlike the dispatch recorder above, which sees only the tensors ops return. Frees of
+# tensors allocated before ``fn`` started are not recorded, so the figure is an upper bound when
+# ``fn`` drops pre-existing tensors.
+
+
+def allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated (net of frees) at once while ``fn()`` ran (CPU)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

@@ -97,3 +97,54 @@ def test_no_write_outside_the_pool():
     assert slots.numel() > 0
     assert (vbuf[:4] == 7).all() and (vbuf[34:] == 7).all()
     assert (cbuf[:4] == -5).all() and (cbuf[34:] == -5).all()
+
+
+def _error(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("bad", ["narrow_column", "padding_row", "none"])
+def test_table_check_in_the_kernel_matches_the_python_check(bad):
+    """The cpu kernel checks the table layout in its pass over the keys (the op skips the Python
+    check for it): the same ValueError text as the reference backend's Python check, raised
+    before anything is written; valid candidates give identical pools."""
+    from dsl_kernels import SparseEmbeddingBagCollection, TableConfig
+
+    ebc = SparseEmbeddingBagCollection(
+        [TableConfig("wide", 300, 16), TableConfig("narrow", 200, 8)],
+        density=0.3, block_size=4, backend="cpu", mask_init="random")  # NB 4 and 2; pool NB 4
+    layout = ebc.table_layout()
+    layout[1, 3] = 300 + 5  # a padding row in the narrow table
+    NB = ebc.num_blocks
+    rows = torch.arange(500).repeat_interleave(NB)
+    cols = torch.arange(NB).repeat(500)
+    keys = rows * NB + cols
+    ok = (rows < 300) | ((cols < 2) & (rows != 300 + 5))
+    keys = keys[ok]
+    if bad == "narrow_column":
+        keys = torch.cat([keys, torch.tensor([(300 + 17) * NB + 3])])  # narrow row, column 3
+    elif bad == "padding_row":
+        keys = torch.cat([keys, torch.tensor([(300 + 5) * NB + 1])])
+    keys = keys.sort().values
+    scores = torch.rand(keys.numel())
+    outs, errors = [], []
+    for backend in ("reference", "cpu"):
+        v, c = ebc.values.detach().clone(), ebc.coord.clone()
+        res = []
+        errors.append(_error(lambda: res.append(prune_regrow_(
+            v, c, ebc.row_mask, keys, scores, 200, NB, None, backend, layout))))
+        outs.append((v, c, res))
+    if bad == "none":
+        assert errors == [None, None]
+        (v0, c0, r0), (v1, c1, r1) = outs
+        assert torch.equal(v0, v1) and torch.equal(c0, c1)
+        assert all(torch.equal(a, b) for a, b in zip(r0[0], r1[0]))
+    else:
+        assert errors[0] is not None and errors[0] == errors[1], errors
+        assert "outside table 1" in errors[0]
+        for v, c, _ in outs:  # nothing written
+            assert torch.equal(v, ebc.values.detach()) and torch.equal(c, ebc.coord)

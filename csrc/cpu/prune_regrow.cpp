@@ -3,13 +3,19 @@
 //
 // Why not torch: the reference selects with kthvalue + masks + nonzero over [C] tensors and a
 // unique/scatter over the candidates -- a dozen full passes and temporaries. Here:
+//   checks      one pass over the candidates: key range, the table layout (`tables`, the
+//               check dsl_kernels/ops/prune_regrow.py makes in Python for other backends, with
+//               the same message) and whether they are unique and ascending;
 //   candidates  ranked in place when unique and ascending (the score accumulator's output is),
-//               else merged by key (max score) first; the top k by the same radix select;
-//   prune       one pass computes an order-preserving uint32 key per slot from its L2 norm
+//               else merged by key (max score) first; the top k by a radix select;
+//   prune       one pass computes an order-preserving uint32 key per slot from its fp32 squared
+//               L2 norm (bit-identical to the reference's block_magnitudes)
 //               (NaN/Inf -> 0: pruned first; free slot -> max: never chosen), then a two-level
 //               radix select (16 + 16 bits) finds the exact k-th key; ties go to the lower slot.
-// Extra memory: 4 bytes per slot (the reference's fp32 [C]) or per candidate, whichever is
-// larger (they are not alive together), plus the k-sized results.
+// Extra memory: 2 bytes per slot or per candidate (the keys' high halves; not alive together),
+// a 256 KB histogram, the k-th key's bucket and the k-sized results, which double as the
+// selections' buffers. All of it is at::empty, so allocation trackers see it. The unsorted
+// candidate path (random growth) adds 16 bytes per candidate.
 // Everything is checked before anything is written.
 #include <torch/library.h>
 
@@ -25,7 +31,7 @@ namespace {
 
 constexpr const char* kOp = "dsl_C::prune_regrow_";
 
-// Order-preserving key of a non-negative magnitude: -inf (non-finite block) < every finite norm
+// Order-preserving key of a non-negative magnitude: -inf (non-finite block) < every finite one
 // < +inf (free slot).
 inline uint32_t mag_key(float m, bool free_slot) {
   if (free_slot) return std::numeric_limits<uint32_t>::max();
@@ -43,50 +49,84 @@ inline uint32_t score_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-template <typename T>
-void slot_keys(const T* values, int64_t B, const int64_t* coord, const int64_t* slots,
-               int64_t n, uint32_t* keys) {
-  at::parallel_for(0, n, 4096, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const int64_t s = slots != nullptr ? slots[i] : i;
-      const T* v = values + s * B;
-      double sq = 0.0;  // an exact-enough norm: the order, not the rounding, is what matters
-      for (int64_t c = 0; c < B; ++c) {
-        const double x = static_cast<double>(to_f(v[c]));
-        sq += x * x;
+// The k smallest of n 32-bit keys by a two-level radix select (16 + 16 bits), ties to the lower
+// position. key(i) is computed twice at most: once for every i (only its high 16 bits are kept,
+// 2 bytes per entry) and again for the entries of the one bucket that holds the k-th key.
+// Scratch is at::empty / at::zeros so that allocation trackers (the torch profiler) see it.
+class RadixSelect {
+ public:
+  template <typename KeyFn>
+  RadixSelect(int64_t n, KeyFn&& key, bool parallel, const at::TensorOptions& o) : n_(n) {
+    hi_t_ = at::empty({n}, o.dtype(at::kShort));
+    hist_t_ = at::zeros({1 << 16}, o.dtype(at::kInt));
+    hi_ = reinterpret_cast<uint16_t*>(hi_t_.data_ptr<int16_t>());
+    hist_ = hist_t_.data_ptr<int32_t>();
+    uint16_t* hi = hi_;
+    if (parallel) {
+      at::parallel_for(0, n, 4096, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) hi[i] = static_cast<uint16_t>(key(i) >> 16);
+      });
+      for (int64_t i = 0; i < n; ++i) ++hist_[hi[i]];
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        hi[i] = static_cast<uint16_t>(key(i) >> 16);
+        ++hist_[hi[i]];
       }
-      keys[i] = mag_key(static_cast<float>(std::sqrt(sq)), coord[s] < 0);
-    }
-  });
-}
-
-// Positions (ascending) of the k smallest keys, ties to the lower position.
-std::vector<int64_t> smallest_k(const std::vector<uint32_t>& keys, int64_t k) {
-  const int64_t n = static_cast<int64_t>(keys.size());
-  std::vector<int64_t> out;
-  if (k <= 0) return out;
-  out.reserve(k);
-  // Level 1: the high 16 bits; level 2: the low 16 bits inside the bucket holding the k-th key.
-  std::vector<int64_t> hist(1 << 16);
-  for (uint32_t x : keys) ++hist[x >> 16];
-  int64_t below = 0, hi = 0;
-  while (below + hist[hi] < k) below += hist[hi++];
-  std::fill(hist.begin(), hist.end(), 0);
-  for (uint32_t x : keys)
-    if ((x >> 16) == static_cast<uint32_t>(hi)) ++hist[x & 0xFFFF];
-  int64_t lo = 0;
-  while (below + hist[lo] < k) below += hist[lo++];
-  const uint32_t kth = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
-  int64_t ties = k - below;  // how many slots with key == kth are taken (the lowest ones)
-  for (int64_t i = 0; i < n; ++i) {
-    if (keys[i] < kth) {
-      out.push_back(i);
-    } else if (keys[i] == kth && ties > 0) {
-      out.push_back(i);
-      --ties;
     }
   }
-  return out;
+
+  // Entries whose key has the high half 0xFFFF (the "never chosen" sentinel's bucket).
+  int64_t top_bucket() const { return hist_[0xFFFF]; }
+
+  // Writes the k positions (ascending) to out.
+  template <typename KeyFn>
+  void select(int64_t k, KeyFn&& key, int64_t* out) {
+    if (k <= 0) return;
+    int64_t below = 0, hb = 0;
+    while (below + hist_[hb] < k) below += hist_[hb++];
+    const int64_t m = hist_[hb];
+    // The bucket's entries, ascending: (low 16 bits << 40) | position.
+    at::Tensor bucket_t = at::empty({m}, hi_t_.options().dtype(at::kLong));
+    uint64_t* bk = reinterpret_cast<uint64_t*>(bucket_t.data_ptr<int64_t>());
+    int64_t c = 0;
+    for (int64_t i = 0; i < n_; ++i)
+      if (hi_[i] == hb) bk[c++] = (static_cast<uint64_t>(key(i) & 0xFFFFu) << 40) | i;
+    std::fill(hist_, hist_ + (1 << 16), 0);
+    for (int64_t u = 0; u < m; ++u) ++hist_[bk[u] >> 40];
+    int64_t lo = 0;
+    while (below + hist_[lo] < k) below += hist_[lo++];
+    int64_t ties = k - below;  // entries with the k-th key that are taken: the lowest ones
+    int64_t p = 0;
+    c = 0;
+    for (int64_t i = 0; i < n_ && p < k; ++i) {
+      if (hi_[i] < hb) {
+        out[p++] = i;
+      } else if (hi_[i] == hb) {
+        const int64_t low = static_cast<int64_t>(bk[c++] >> 40);
+        if (low < lo || (low == lo && ties-- > 0)) out[p++] = i;
+      }
+    }
+  }
+
+ private:
+  int64_t n_;
+  at::Tensor hi_t_, hist_t_;
+  uint16_t* hi_;
+  int32_t* hist_;
+};
+
+template <typename T>
+inline uint32_t slot_key(const T* values, int64_t B, const int64_t* coord, int64_t s) {
+  // The reference's magnitude (block_magnitudes): the fp32 squared norm in column order, every
+  // product and sum rounded on its own (the build passes -ffp-contract=off); same bits, same
+  // ties. No sqrt: it would not change the order, only add ties.
+  const T* v = values + s * B;
+  float sq = 0.0f;
+  for (int64_t c = 0; c < B; ++c) {
+    const float x = to_f(v[c]);
+    sq += x * x;
+  }
+  return mag_key(sq, coord[s] < 0);
 }
 
 struct Cand {
@@ -94,12 +134,38 @@ struct Cand {
   float score;
 };
 
+// Grown blocks must fit their table: `tables` int64[T, 4] = (row_start, num_rows, num_blocks,
+// padding_row) per table, rows ascending (BlockSparseBase.table_layout()). The message is the
+// Python check's (dsl_kernels/ops/prune_regrow.py), so every backend raises the same error.
+struct TableCheck {
+  const int64_t* tb = nullptr;
+  int64_t T = 0;
+
+  void check(int64_t i, int64_t key, const KeySplit& ks) const {
+    if (T == 0) return;
+    const int64_t row = ks.row(key), col = key - row * ks.nb;
+    // searchsorted(row_start, row, right=True) - 1, clamped at 0
+    int64_t lo = 0, hi = T;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (tb[mid * 4] <= row) lo = mid + 1; else hi = mid;
+    }
+    const int64_t t = std::max<int64_t>(0, lo - 1);
+    const int64_t* e = tb + t * 4;
+    const bool bad = row >= e[0] + e[1] || row < e[0] || col >= e[2] || row == e[3];
+    TORCH_CHECK_VALUE(!bad, "cand_keys[", i, "] = ", key, " is block (row ", row, ", column ",
+                      col, "), outside table ", t, " (rows [", e[0], ", ", e[0] + e[1], "), ",
+                      e[2], " blocks per row, padding row ", e[3], ")");
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tensor& coord,
                                                     const at::Tensor& row_mask,
                                                     const at::Tensor& cand_keys,
                                                     const at::Tensor& cand_scores, int64_t k,
                                                     int64_t num_blocks,
-                                                    const c10::optional<at::Tensor>& prune_slots) {
+                                                    const c10::optional<at::Tensor>& prune_slots,
+                                                    const c10::optional<at::Tensor>& tables) {
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && dsl::is_value_dtype(values.scalar_type()),
               kOp, ": values must be a contiguous fp32/fp16/bf16 [C, B] tensor, got ",
               values.scalar_type(), " of shape ", values.sizes());
@@ -124,7 +190,23 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   TORCH_CHECK(k >= 0, kOp, ": k must be >= 0, got ", k);
   for (const auto* t : {&row_mask, &cand_keys, &cand_scores})
     dsl::check_device(kOp, "an argument", *t, values.device());
+  TableCheck tcheck;
+  at::Tensor tb;
+  if (tables.has_value()) {
+    TORCH_CHECK_VALUE(tables->scalar_type() == at::kLong && tables->dim() == 2 &&
+                          tables->size(1) == 4,
+                      "tables must be int64[T, 4], got ", tables->scalar_type(), " ",
+                      tables->sizes());
+    dsl::check_device(kOp, "tables", *tables, values.device());
+    tb = tables->contiguous();
+    tcheck.tb = tb.data_ptr<int64_t>();
+    tcheck.T = tb.size(0);
+    for (int64_t t = 1; t < tcheck.T; ++t)
+      TORCH_CHECK_VALUE(tcheck.tb[t * 4] >= tcheck.tb[(t - 1) * 4], kOp,
+                        ": tables must list the tables by ascending row_start");
+  }
   const int64_t N = row_mask.size(0), total = N * num_blocks;
+  // Copies only when the input is not already int64 / fp32 / contiguous (the scheduler's is).
   const at::Tensor ck = cand_keys.to(at::kLong).contiguous();
   const at::Tensor cs = cand_scores.to(at::kFloat).contiguous();
   const at::Tensor rm = row_mask.contiguous();
@@ -132,9 +214,19 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   const float* sp = cs.data_ptr<float>();
   const uint64_t* mask = reinterpret_cast<const uint64_t*>(rm.data_ptr<int64_t>());
   const int64_t M = ck.numel();
-  for (int64_t i = 0; i < M; ++i)
+  const KeySplit ks(num_blocks);
+  bool ascending = true, in_range = true;
+  for (int64_t i = 0; i < M; ++i) {
+    in_range &= kp[i] >= 0 && kp[i] < total;
+    ascending &= i == 0 || kp[i - 1] < kp[i];
+  }
+  for (int64_t i = 0; i < M && !in_range; ++i)  // name the first bad one
     TORCH_CHECK_INDEX(kp[i] >= 0 && kp[i] < total, kOp, ": cand_keys[", i, "] = ", kp[i],
                       " is not a block of the ", N, " x ", num_blocks, " table");
+  if (tcheck.T > 1 || (tcheck.T == 1 && !(tcheck.tb[0] == 0 && tcheck.tb[1] == N &&
+                                          tcheck.tb[2] == num_blocks && tcheck.tb[3] < 0))) {
+    for (int64_t i = 0; i < M; ++i) tcheck.check(i, kp[i], ks);
+  }  // else one table covering the whole pool without a padding row: nothing to reject
   at::Tensor ps;
   if (prune_slots.has_value()) {
     TORCH_CHECK(prune_slots->dim() == 1 && (prune_slots->scalar_type() == at::kLong ||
@@ -147,81 +239,94 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
                         " is not a slot of the pool [0, ", C, ")");
   }
   int64_t* cp = coord.data_ptr<int64_t>();
+  const auto lopts = coord.options();
 
   // 1. Growable candidates: finite score, inactive now. The usual input (the score
   // accumulator's) is unique and ascending and is ranked in place; anything else is merged by
   // key (max score) into a sorted copy first.
   auto growable = [&](int64_t key, float score) {
-    const int64_t r = key / num_blocks, j = key - r * num_blocks;
+    const int64_t r = ks.row(key), j = key - r * num_blocks;
     return std::isfinite(score) && !((mask[r * W + (j >> 6)] >> (j & 63)) & 1);
   };
-  bool ascending = true;
-  for (int64_t i = 1; i < M && ascending; ++i) ascending = kp[i - 1] < kp[i];
-  std::vector<Cand> merged;
+  at::Tensor merged_t;
+  Cand* merged = nullptr;
+  int64_t U = M;
   if (!ascending) {
-    merged.reserve(M);
+    merged_t = at::empty({M * static_cast<int64_t>(sizeof(Cand))}, lopts.dtype(at::kByte));
+    merged = reinterpret_cast<Cand*>(merged_t.data_ptr<uint8_t>());
+    int64_t n = 0;
     for (int64_t i = 0; i < M; ++i)
-      if (growable(kp[i], sp[i])) merged.push_back({kp[i], sp[i]});
-    std::stable_sort(merged.begin(), merged.end(),
-                     [](const Cand& a, const Cand& b) { return a.key < b.key; });
-    size_t u = 0;
-    for (size_t i = 0; i < merged.size(); ++i) {
+      if (growable(kp[i], sp[i])) merged[n++] = {kp[i], sp[i]};
+    std::sort(merged, merged + n, [](const Cand& a, const Cand& b) { return a.key < b.key; });
+    int64_t u = 0;  // duplicates: the max score (finite scores only, so order does not matter)
+    for (int64_t i = 0; i < n; ++i) {
       if (u > 0 && merged[u - 1].key == merged[i].key) {
         merged[u - 1].score = std::max(merged[u - 1].score, merged[i].score);
       } else {
         merged[u++] = merged[i];
       }
     }
-    merged.resize(u);
+    U = u;
   }
-  const int64_t U = ascending ? M : static_cast<int64_t>(merged.size());
-  auto key_at = [&](int64_t i) { return ascending ? kp[i] : merged[i].key; };
+  auto key_at = [&](int64_t i) { return merged == nullptr ? kp[i] : merged[i].key; };
   // Rank keys: the largest score gets the smallest key; a rejected candidate the largest one
   // (no finite score maps there), so it is never among the k (k <= the growable count).
-  std::vector<uint32_t> rank(U);
-  int64_t n_growable = 0;
-  for (int64_t i = 0; i < U; ++i) {
-    const float sc = ascending ? sp[i] : merged[i].score;
-    const bool ok = ascending ? growable(kp[i], sc) : true;
-    rank[i] = ok ? ~score_key(sc) : std::numeric_limits<uint32_t>::max();
-    n_growable += ok;
-  }
+  auto rank = [&](int64_t i) -> uint32_t {
+    if (merged != nullptr) return ~score_key(merged[i].score);
+    // The candidates' rows are scattered over the mask: fetch the word 16 candidates ahead.
+    if (i + 16 < M) __builtin_prefetch(mask + ks.row(kp[i + 16]) * W);
+    return growable(kp[i], sp[i]) ? ~score_key(sp[i]) : std::numeric_limits<uint32_t>::max();
+  };
   // 2. How many move.
   const int64_t n_src = ps.defined() ? ps.numel() : C;
   const int64_t* src = ps.defined() ? ps.data_ptr<int64_t>() : nullptr;
   int64_t n_prunable = 0;
-  for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[src != nullptr ? src[i] : i] >= 0;
-  k = std::max<int64_t>(0, std::min({k, n_prunable, n_growable}));
-  // 3. The k best candidates (ties to the lower key), in ascending key order.
-  std::vector<int64_t> grown = smallest_k(rank, k);
-  for (auto& g : grown) g = key_at(g);
-  std::vector<uint32_t>().swap(rank);
-  std::vector<Cand>().swap(merged);
-  // 4. The k weakest active blocks.
-  std::vector<int64_t> slots;
-  {
-    std::vector<uint32_t> keys(n_src);
-    DSL_DISPATCH_VALUE_TYPES(values.scalar_type(), kOp, [&] {
-      slot_keys<scalar_t>(values.data_ptr<scalar_t>(), B, cp, src, n_src, keys.data());
-    });
-    slots = smallest_k(keys, k);
+  if (src == nullptr) {
+    for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[i] >= 0;
+  } else {
+    for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[src[i]] >= 0;
   }
+  // The outputs double as the selections' buffers: `pruned` holds the grown keys until step 5.
+  at::Tensor out_slots, pruned;
+  {
+    RadixSelect grow_sel(U, rank, false, lopts);
+    const int64_t n_growable = U - grow_sel.top_bucket();
+    k = std::max<int64_t>(0, std::min({k, n_prunable, n_growable}));
+    out_slots = at::empty({k}, lopts);
+    pruned = at::empty({k}, lopts);
+    // 3. The k best candidates (ties to the lower key), in ascending key order.
+    int64_t* op = pruned.data_ptr<int64_t>();
+    grow_sel.select(k, rank, op);
+    for (int64_t i = 0; i < k; ++i) op[i] = key_at(op[i]);
+  }
+  merged_t = at::Tensor();
+  // 4. The k weakest active blocks.
+  int64_t* os = out_slots.data_ptr<int64_t>();
+  DSL_DISPATCH_VALUE_TYPES(values.scalar_type(), kOp, [&] {
+    const scalar_t* vp = values.data_ptr<scalar_t>();
+    auto key = [&](int64_t i) {
+      return slot_key<scalar_t>(vp, B, cp, src != nullptr ? src[i] : i);
+    };
+    RadixSelect prune_sel(n_src, key, true, lopts);
+    prune_sel.select(k, key, os);
+  });
   if (src != nullptr) {
-    for (auto& s : slots) s = src[s];
-    std::sort(slots.begin(), slots.end());
+    for (int64_t i = 0; i < k; ++i) os[i] = src[os[i]];
+    if (!std::is_sorted(os, os + k)) std::sort(os, os + k);
   }
   // 5. Hand the freed slots over: ascending slots <- ascending grown keys.
-  const auto lopts = coord.options();
-  at::Tensor out_slots = at::empty({k}, lopts), pruned = at::empty({k}, lopts);
-  int64_t* os = out_slots.data_ptr<int64_t>();
   int64_t* op = pruned.data_ptr<int64_t>();
   const int64_t bytes = B * values.element_size();
   char* vp = static_cast<char*>(values.data_ptr());
+  constexpr int64_t kAhead = 16;  // the slots are scattered: prefetch their lines ahead
   for (int64_t i = 0; i < k; ++i) {
-    const int64_t s = slots[i];
-    os[i] = s;
+    if (i + kAhead < k) {
+      __builtin_prefetch(cp + os[i + kAhead], 1);
+      __builtin_prefetch(vp + os[i + kAhead] * bytes, 1);
+    }
+    const int64_t s = os[i], grown = op[i];
     op[i] = cp[s];
-    cp[s] = grown[i];
+    cp[s] = grown;
     std::memset(vp + s * bytes, 0, bytes);  // +0.0 in fp32, fp16 and bf16 alike
   }
   return {out_slots, pruned};
@@ -233,7 +338,8 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
 TORCH_LIBRARY_FRAGMENT(dsl_C, m) {
   m.def(
       "prune_regrow_(Tensor(a!) values, Tensor(b!) coord, Tensor row_mask, Tensor cand_keys, "
-      "Tensor cand_scores, int k, int num_blocks, Tensor? prune_slots) -> (Tensor, Tensor)");
+      "Tensor cand_scores, int k, int num_blocks, Tensor? prune_slots, Tensor? tables=None) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsl_C, CPU, m) { m.impl("prune_regrow_", &dsl_cpu::prune_regrow_cpu); }

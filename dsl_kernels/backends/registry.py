@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 OPS = ("lookup", "lookup_backward", "grow_scores", "rebuild_index", "prune_regrow_",
-       "fused_update",
+       "fused_update", "update_index_", "fill_rows_",
        # Optional, no reference: a forward that also emits the fused backward's plan, and the
        # step that consumes it (backends/cpu/fused_step.py). Implementations of fused_lookup
        # may carry a ``supports(values, mode)`` predicate.

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..format import (ADAGRAD, ADAM, ADAMW, NAN_POLICIES, NAN_RAISE, OPTIMIZERS,
                       ROWWISE_ADAGRAD, SGD)
 from ..backends import has_impl, implementation
-from ..ops import fused_update, hooks, per_sample_weights_grad
+from ..ops import fill_rows_, fused_update, hooks, per_sample_weights_grad
 from ..pool import BlockSparseBase
 
 # eps defaults of the matching torch optimizers (FBGEMM's for row-wise Adagrad).
@@ -231,11 +231,12 @@ class FusedOptimizer:
             slots = torch.nonzero(slots).squeeze(1)
         slots = slots.long()
         init = self.initial_accumulator_value if self.code in (ADAGRAD, ROWWISE_ADAGRAD) else 0.0
-        # index_fill_, not index_put: a plain row loop, ~25 % faster for a mask update's slots.
+        # dsl::fill_rows_ (cpu: rows prefetched ahead; reference: index_fill_), not index_put.
+        backend = module.backend_for()
         if module.fused_state1.numel():
-            module.fused_state1.index_fill_(0, slots, init)
+            fill_rows_(module.fused_state1, slots, init, backend)
         if module.fused_state2.numel():
-            module.fused_state2.index_fill_(0, slots, 0.0)
+            fill_rows_(module.fused_state2, slots, 0.0, backend)
 
     def state_bytes(self) -> int:
         module = self.module

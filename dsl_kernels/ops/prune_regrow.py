@@ -18,7 +18,9 @@ grown values if wanted, resets the optimizer-state rows of ``slots`` and rebuild
 ``tables`` (optional, ``int64[T, 4]``: ``row_start, num_rows, num_blocks, padding_row`` per
 table, ``padding_row = -1`` for none; :meth:`BlockSparseBase.table_layout`) lets the op reject
 candidates outside their table's columns or in a padding row, which would otherwise give a
-``coord`` that no module (and no checkpoint verifier) accepts.
+``coord`` that no module (and no checkpoint verifier) accepts. An implementation marked
+``checks_tables`` (the cpu kernel) does that check in its own pass over the keys, with the same
+``ValueError`` text; for the others it runs here in Python (candidate-sized temporaries).
 
 Determinism: ties in magnitude go to the lower slot, ties in score to the lower key.
 Non-finite numbers: a block holding NaN/Inf has magnitude ``-inf`` — it is pruned FIRST; a
@@ -61,7 +63,9 @@ def _check_structure(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys:
 
 def _check_keys(values: Tensor, row_mask: Tensor, cand_keys: Tensor, num_blocks: int,
                 prune_slots: Optional[Tensor], tables: Optional[Tensor]) -> None:
-    """Data-dependent checks (they read the tensors): eager calls only."""
+    """Data-dependent checks (they read the tensors): eager calls only. The ``tables`` part
+    builds candidate-sized temporaries; an implementation with ``checks_tables = True`` does it
+    itself (with the same message) and gets ``tables=None`` here."""
     if cand_keys.numel():
         lo, hi = int(cand_keys.min()), int(cand_keys.max())
         limit = row_mask.shape[0] * num_blocks
@@ -105,9 +109,13 @@ def prune_regrow_(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys: Te
     ([1], [1], [0, 4, 2], 0.0)
     """
     _check_structure(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, tables)
+    impl = implementation(backend, "prune_regrow_")
+    if getattr(impl, "checks_tables", False):  # the kernel checks the layout in its key pass
+        _check_keys(values, row_mask, cand_keys, num_blocks, prune_slots, None)
+        return impl(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, prune_slots,
+                    tables)
     _check_keys(values, row_mask, cand_keys, num_blocks, prune_slots, tables)
-    return implementation(backend, "prune_regrow_")(values, coord, row_mask, cand_keys,
-                                                    cand_scores, k, num_blocks, prune_slots)
+    return impl(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, prune_slots)
 
 
 @prune_regrow_.register_fake

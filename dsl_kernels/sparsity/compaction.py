@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import ops
+from ..backends import has_impl
 from ..pool import BlockSparseBase
 from .prune_regrow import block_magnitudes, row_state_tensors, smallest_k
 
@@ -21,6 +23,21 @@ def rebuild_index_lean(module: BlockSparseBase) -> None:
     """``module.rebuild_index(drop_old=True)``: the old index is released before the new one is
     built, so the two never coexist."""
     module.rebuild_index(drop_old=True)
+
+
+def update_index_lean(module: BlockSparseBase, slots: Tensor, old_keys: Tensor) -> None:
+    """The index after ``slots`` changed from ``old_keys`` to ``coord[slots]``: updated in place
+    by ``dsl::update_index_`` where the pool's backend has a kernel for it (cpu: one sweep, no
+    new index), else rebuilt (:func:`rebuild_index_lean`; the reference implementation of the
+    op is that rebuild while the old index is alive: the oracle, not the lean path). Same index
+    either way."""
+    backend = module.backend_for()
+    if (module.row_ptr is None or backend == "reference"
+            or not has_impl(backend, "update_index_")):
+        rebuild_index_lean(module)
+        return
+    ops.update_index_(module.row_ptr, module.row_slots, module.row_mask, module.coord, slots,
+                      old_keys, module.num_blocks, backend)
 
 
 @torch.no_grad()

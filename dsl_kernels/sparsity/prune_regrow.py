@@ -12,6 +12,7 @@ from torch import Tensor
 from ..backends.reference.prune_regrow import (block_magnitudes, is_active_chunked,  # noqa: F401
                                                prune_regrow_reference, smallest_k)
 from ..format import is_active  # noqa: F401
+from ..ops.fill_rows import fill_rows_
 from ..ops.prune_regrow import prune_regrow_  # noqa: F401
 
 
@@ -75,9 +76,11 @@ def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> Optional[dict]
 
 
 @torch.no_grad()
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer, param: Tensor, rows: Tensor) -> int:
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer, param: Tensor, rows: Tensor,
+                         backend: str = "reference") -> int:
     """Reset the optimizer state of ``param`` at ``rows`` (slots) to a fresh state (zeros;
-    Adagrad's ``initial_accumulator_value``); other rows are untouched. Returns how many state
+    Adagrad's ``initial_accumulator_value``) by ``dsl::fill_rows_`` of ``backend``; other rows
+    are untouched. Returns how many state
     tensors were written. Raises TypeError for an optimizer the engine does not know.
 
     >>> import torch
@@ -98,7 +101,8 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer, param: Tensor, rows: 
         t = state.get(key)
         if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != param.shape[0]:
             continue
-        t[rows.to(t.device)] = fill(group) if callable(fill) else fill
+        fill_rows_(t, rows.to(t.device), float(fill(group) if callable(fill) else fill),
+                   backend)
         n += 1
     return n
 

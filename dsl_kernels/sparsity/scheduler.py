@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ..pool import BlockSparseBase, LookupRecord
-from .compaction import compact_, keep_largest, rebuild_index_lean, resize_pool_
+from .compaction import (compact_, keep_largest, rebuild_index_lean, resize_pool_,
+                         update_index_lean)
 from .prune_regrow import optimizer_state_keys, prune_regrow_, reset_optimizer_rows
 from .schedules import cosine_update_fraction, cubic_density
 from .scores import GrowthScoreAccumulator, sample_inactive_blocks, split_by_table
@@ -27,6 +28,11 @@ class _Pool:
     total_blocks: int  # blocks of all tables (the density denominator)
     initial_density: float
     observer: Callable = field(repr=False, default=None)
+
+
+def _cat(ts: List[Tensor]) -> Tensor:
+    """``torch.cat`` without the copy of a single tensor (k-sized, at every update)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 def _fused(m: BlockSparseBase):
@@ -365,10 +371,12 @@ class DSLScheduler:
         m = pool.module
         backend = m.backend_for()
         layout = m.table_layout()  # grown blocks must fit their table (columns, padding row)
-        slots_all = []
+        slots_all, pruned_all = [], []  # pruned_all stays complete only without sharding
         requested = 0
         if self.distribution == "global" or len(m.tables) == 1:
-            k = int(round(frac * m.num_active_blocks))
+            # Active blocks = row_ptr[N] of the current index (a pass over coord otherwise).
+            active = int(m.row_ptr[-1]) if m.row_ptr is not None else m.num_active_blocks
+            k = int(round(frac * active))
             requested += k
             keys, scores = self._candidates(pool, m.tables, k)
             # Extension point: a pool that is one shard of a larger collection (see
@@ -377,10 +385,13 @@ class DSLScheduler:
             sharded = getattr(m, "dsl_prune_regrow_", None)
             if sharded is not None:
                 slots_all.append(sharded(keys, scores, frac, self._prunable(m, None)))
+                pruned_all = None
             elif k > 0:
-                slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
-                                         m.num_blocks, self._prunable(m, None), backend, layout)
+                slots, pruned = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
+                                              m.num_blocks, self._prunable(m, None), backend,
+                                              layout)
                 slots_all.append(slots)
+                pruned_all.append(pruned)
         else:
             if self.grow == "gradient":
                 keys, scores = self._candidates(pool, m.tables, 0)
@@ -396,11 +407,12 @@ class DSLScheduler:
                     tk, ts = per[j][1], per[j][2]
                 else:
                     tk, ts = self._candidates(pool, [t], k)
-                slots, _ = prune_regrow_(m.values, m.coord, m.row_mask, tk, ts, k,
-                                         m.num_blocks, ps, backend, layout)
+                slots, pruned = prune_regrow_(m.values, m.coord, m.row_mask, tk, ts, k,
+                                              m.num_blocks, ps, backend, layout)
                 slots_all.append(slots)
+                pruned_all.append(pruned)
         pool.acc.clear()
-        slots = torch.cat(slots_all) if slots_all else m.coord.new_empty(0)
+        slots = _cat(slots_all) if slots_all else m.coord.new_empty(0)
         if slots.numel():
             self._init_grown(m, slots)
             fo = _fused(m)
@@ -409,14 +421,17 @@ class DSLScheduler:
             elif fo is not None:
                 fo.reset_state(slots)
             else:
-                reset_optimizer_rows(self.optimizer, m.values, slots)
+                reset_optimizer_rows(self.optimizer, m.values, slots, backend)
             if m.values.grad is not None:
                 m.values.grad[slots] = 0
             if pool.tracker is not None:
                 pool.tracker.on_reassign(slots)
             elif m.frozen is not None:
                 m.frozen[slots] = False
-            rebuild_index_lean(m)
+            if pruned_all is None:  # a sharded pool rewrote coord itself
+                rebuild_index_lean(m)
+            else:  # in place where the backend can (cpu): no second index, no full rebuild
+                update_index_lean(m, slots, _cat(pruned_all))
         self._stats["requested_moves"] = self._stats.get("requested_moves", 0) + requested
         self._stats["moved_blocks"] += int(slots.numel())
 

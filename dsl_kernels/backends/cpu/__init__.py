@@ -32,4 +32,4 @@ import_extension()
 
 from . import fused_update, grow_scores, lookup, lookup_backward, rebuild_index  # noqa: E402,F401
 from . import fused_step  # noqa: E402,F401  (plan-emitting fused step: fused_lookup/apply)
-from . import prune_regrow  # noqa: E402,F401
+from . import fill_rows, prune_regrow, update_index  # noqa: E402,F401

@@ -4,3 +4,4 @@ fallback of any op a backend lacks, and runs on any device. It never builds an `
 tensor: temporaries are batch-sized (``[L, D]``) or pool-sized (``[C]``).
 """
 from . import fused_update, grow_scores, lookup, lookup_backward, prune_regrow, rebuild_index  # noqa: F401
+from . import fill_rows, update_index  # noqa: F401

@@ -21,13 +21,25 @@ _KEY_CHUNK = 1 << 14  # candidate keys per activeness-test chunk
 
 
 def block_magnitudes(values: Tensor, slots: Optional[Tensor] = None) -> Tensor:
-    """fp32 L2 norm of every slot (or of ``slots``), ``-inf`` where the block is not finite."""
+    """Ranking magnitude of every slot (or of ``slots``): the fp32 SQUARED L2 norm, ``-inf``
+    where the block is not finite (or its squared norm overflows fp32). It ranks blocks exactly
+    as the norm does, up to ties.
+
+    Formed in one defined order, ``((x0*x0 + x1*x1) + x2*x2) + ...`` in fp32 with every product
+    and sum rounded on its own, so the C++ kernel (csrc/cpu/prune_regrow.cpp) gets the same bits
+    and the same ties. Not ``torch.linalg.vector_norm``: its summation order depends on the CPU's
+    vector width, and torch's vectorised fp32 ``sqrt`` is not correctly rounded (AVX-512: 1 ulp
+    off), so blocks whose norms differ in the last bit (grown blocks after one identical
+    optimizer step) were ranked differently by the two backends."""
     src_n = values.shape[0] if slots is None else slots.numel()
     mag = torch.empty(src_n, dtype=torch.float32, device=values.device)
     for a in range(0, src_n, _CHUNK):
         b = min(src_n, a + _CHUNK)
-        chunk = values[a:b] if slots is None else values[slots[a:b]]
-        mag[a:b] = torch.linalg.vector_norm(chunk.float(), dim=1)
+        chunk = (values[a:b] if slots is None else values[slots[a:b]]).float()
+        acc = mag[a:b]
+        torch.mul(chunk[:, 0], chunk[:, 0], out=acc)
+        for c in range(1, chunk.shape[1]):
+            acc.add_(chunk[:, c] * chunk[:, c])  # mul, then add: two roundings, no FMA
     # NaN/Inf -> -inf in place (a norm is never -inf, so nothing else is touched).
     return mag.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
 
