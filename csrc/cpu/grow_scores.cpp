@@ -4,8 +4,8 @@
 // it: the L2 norm of the dense gradient of block (r, j), i.e. of the sum over the row's entries
 // of their scaled grad_out; active blocks score 0 (they already hold a slot). The entries are
 // sorted by (row, position), so each row is one segment summed in entry order (the reference
-// order) and the segments run in parallel. Only inactive blocks are computed: at density 0.1
-// they are most blocks, but nothing is spent on the ones that do not need a score.
+// order) and the segments run in parallel. The row's whole gradient is summed (each entry's
+// grad_out row read once, contiguously); only inactive blocks get a norm.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -73,31 +73,37 @@ std::tuple<at::Tensor, at::Tensor> grow_kernel(const G* grad_out, const RowIndex
   int64_t* rows_p = rows.data_ptr<int64_t>();
   float* sc = scores.data_ptr<float>();
   const int nt = num_threads();
+  const uint64_t* mask = reinterpret_cast<const uint64_t*>(ix.row_mask);
 #pragma omp parallel num_threads(nt) if (R > 64)
   {
-    std::vector<float> acc(B);
+    // The whole row's gradient, entry by entry: each entry's grad_out row is read once, in
+    // order (per block it was re-read one block at a time, each a cache miss). Every column
+    // still sums the row's entries in entry order, so the scores are bit-identical.
+    std::vector<float> acc(D);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t u = 0; u < R; ++u) {
+      if (u + 8 < R) __builtin_prefetch(mask + idx[order[seg[u + 8]]] * ix.W);
       const int64_t r = idx[order[seg[u]]];
       rows_p[u] = r;
-      const uint64_t* m = reinterpret_cast<const uint64_t*>(ix.row_mask) + r * ix.W;
+      const uint64_t* m = mask + r * ix.W;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = seg[u]; k < seg[u + 1]; ++k) {
+        const int64_t i = order[k];
+        const int64_t b = es.bag_of[i];
+        const G* src = grad_out + b * D;
+        if (max_idx == nullptr) {
+          const float s = es.scale[i];
+          for (int64_t c = 0; c < D; ++c) acc[c] += to_f(src[c]) * s;
+        } else {
+          const int64_t* mi = max_idx + b * D;
+          for (int64_t c = 0; c < D; ++c) acc[c] += (mi[c] == i) ? to_f(src[c]) : 0.0f;
+        }
+      }
       for (int64_t j = 0; j < ix.NB; ++j) {
         if ((m[j >> 6] >> (j & 63)) & 1) continue;  // active: score 0
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t k = seg[u]; k < seg[u + 1]; ++k) {
-          const int64_t i = order[k];
-          const int64_t b = es.bag_of[i];
-          const G* src = grad_out + b * D + j * B;
-          if (max_idx == nullptr) {
-            const float s = es.scale[i];
-            for (int64_t c = 0; c < B; ++c) acc[c] += to_f(src[c]) * s;
-          } else {
-            const int64_t* mi = max_idx + b * D + j * B;
-            for (int64_t c = 0; c < B; ++c) acc[c] += (mi[c] == i) ? to_f(src[c]) : 0.0f;
-          }
-        }
+        const float* a = acc.data() + j * B;
         float sq = 0.0f;
-        for (int64_t c = 0; c < B; ++c) sq += acc[c] * acc[c];
+        for (int64_t c = 0; c < B; ++c) sq += a[c] * a[c];
         sc[u * ix.NB + j] = std::sqrt(sq);
       }
     }

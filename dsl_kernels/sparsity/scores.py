@@ -53,8 +53,9 @@ class GrowthScoreAccumulator:
         if n_bad:
             self.nonfinite += n_bad
             scores = scores.masked_fill(bad, 0.0)
-        keep = scores > 0
-        keys, scores = keys[keep], scores[keep]
+        # One nonzero for both (a boolean index runs its own nonzero per tensor).
+        sel = torch.nonzero(scores > 0).squeeze(1)
+        keys, scores = keys.index_select(0, sel), scores.index_select(0, sel)
         self.batches += 1
         if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
             # Sum duplicates within the batch (grow_scores output is already unique, ascending).
