@@ -12,6 +12,9 @@
 //               L2 norm (bit-identical to the reference's block_magnitudes)
 //               (NaN/Inf -> 0: pruned first; free slot -> max: never chosen), then a two-level
 //               radix select (16 + 16 bits) finds the exact k-th key; ties go to the lower slot.
+//               keep_first: a row's first active block (its column is the lowest set bit of
+//               the row's mask words) gets the "never chosen" key too and is not counted as
+//               prunable -- the row's words are read per slot, no temporary.
 // Extra memory: 2 bytes per slot or per candidate (the keys' high halves; not alive together),
 // a 256 KB histogram, the k-th key's bucket and the k-sized results, which double as the
 // selections' buffers. All of it is at::empty, so allocation trackers see it. The unsorted
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "common.h"
@@ -115,11 +119,37 @@ class RadixSelect {
   int32_t* hist_;
 };
 
+// keep_first: is block `key` (>= 0, in the table) its row's first active block, i.e. is its
+// column the lowest set bit of the row's mask words? (The reference's first_block_flags.)
+inline bool is_first_block(const uint64_t* mask, int64_t W, const KeySplit& ks, int64_t key) {
+  const int64_t r = ks.row(key), j = key - r * ks.nb;
+  const uint64_t* w = mask + r * W;
+  for (int64_t u = 0; u < W; ++u)
+    if (w[u] != 0) return u * 64 + __builtin_ctzll(w[u]) == j;
+  return false;
+}
+
+// Slots a prune may not take: a row's first active block, when keep_first (mask != nullptr).
+struct FirstBlocks {
+  const uint64_t* mask = nullptr;
+  int64_t W = 0;
+  const KeySplit* ks = nullptr;
+  inline bool protects(int64_t key) const {
+    return mask != nullptr && key >= 0 && is_first_block(mask, W, *ks, key);
+  }
+  // The slots' rows are scattered over the mask: fetch the row of a slot some steps ahead.
+  inline void prefetch(int64_t key) const {
+    if (mask != nullptr && key >= 0) __builtin_prefetch(mask + ks->row(key) * W);
+  }
+};
+
 template <typename T>
-inline uint32_t slot_key(const T* values, int64_t B, const int64_t* coord, int64_t s) {
+inline uint32_t slot_key(const T* values, int64_t B, const int64_t* coord, int64_t s,
+                         const FirstBlocks& fb) {
   // The reference's magnitude (block_magnitudes): the fp32 squared norm in column order, every
   // product and sum rounded on its own (the build passes -ffp-contract=off); same bits, same
   // ties. No sqrt: it would not change the order, only add ties.
+  if (fb.protects(coord[s])) return std::numeric_limits<uint32_t>::max();
   const T* v = values + s * B;
   float sq = 0.0f;
   for (int64_t c = 0; c < B; ++c) {
@@ -165,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
                                                     const at::Tensor& cand_scores, int64_t k,
                                                     int64_t num_blocks,
                                                     const c10::optional<at::Tensor>& prune_slots,
-                                                    const c10::optional<at::Tensor>& tables) {
+                                                    const c10::optional<at::Tensor>& tables,
+                                                    bool keep_first) {
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && dsl::is_value_dtype(values.scalar_type()),
               kOp, ": values must be a contiguous fp32/fp16/bf16 [C, B] tensor, got ",
               values.scalar_type(), " of shape ", values.sizes());
@@ -280,11 +311,45 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   // 2. How many move.
   const int64_t n_src = ps.defined() ? ps.numel() : C;
   const int64_t* src = ps.defined() ? ps.data_ptr<int64_t>() : nullptr;
+  FirstBlocks fb;
+  if (keep_first) {
+    fb.mask = mask;
+    fb.W = W;
+    fb.ks = &ks;
+  }
   int64_t n_prunable = 0;
-  if (src == nullptr) {
-    for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[i] >= 0;
+  if (!keep_first) {
+    if (src == nullptr) {
+      for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[i] >= 0;
+    } else {
+      for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[src[i]] >= 0;
+    }
   } else {
-    for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[src[i]] >= 0;
+    // Reads each slot's row words: the active blocks that are not their row's first, and the
+    // entries past the table (an error, raised below: nothing is written yet).
+    constexpr int64_t kBad = int64_t(1) << 40;  // n_src < 2^40: counts of both fit one int64
+    const int64_t acc = at::parallel_reduce(
+        0, n_src, 4096, int64_t(0),
+        [&](int64_t a, int64_t b, int64_t acc) {
+          for (int64_t i = a; i < b; ++i) {
+            if (i + 16 < b) fb.prefetch(cp[src != nullptr ? src[i + 16] : i + 16]);
+            const int64_t c = cp[src != nullptr ? src[i] : i];
+            if (c >= total) {
+              acc += kBad;
+            } else {
+              acc += c >= 0 && !fb.protects(c);
+            }
+          }
+          return acc;
+        },
+        std::plus<int64_t>());
+    for (int64_t i = 0; i < n_src && acc >= kBad; ++i) {  // name the first bad one
+      const int64_t c = cp[src != nullptr ? src[i] : i];
+      TORCH_CHECK_INDEX(c < total, kOp, ": coord[", src != nullptr ? src[i] : i, "] = ", c,
+                        " is not a block of the ", N, " x ", num_blocks,
+                        " table (keep_first reads its row's mask)");
+    }
+    n_prunable = acc;
   }
   // The outputs double as the selections' buffers: `pruned` holds the grown keys until step 5.
   at::Tensor out_slots, pruned;
@@ -305,7 +370,8 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   DSL_DISPATCH_VALUE_TYPES(values.scalar_type(), kOp, [&] {
     const scalar_t* vp = values.data_ptr<scalar_t>();
     auto key = [&](int64_t i) {
-      return slot_key<scalar_t>(vp, B, cp, src != nullptr ? src[i] : i);
+      if (keep_first && i + 16 < n_src) fb.prefetch(cp[src != nullptr ? src[i + 16] : i + 16]);
+      return slot_key<scalar_t>(vp, B, cp, src != nullptr ? src[i] : i, fb);
     };
     RadixSelect prune_sel(n_src, key, true, lopts);
     prune_sel.select(k, key, os);
@@ -338,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
 TORCH_LIBRARY_FRAGMENT(dsl_C, m) {
   m.def(
       "prune_regrow_(Tensor(a!) values, Tensor(b!) coord, Tensor row_mask, Tensor cand_keys, "
-      "Tensor cand_scores, int k, int num_blocks, Tensor? prune_slots, Tensor? tables=None) "
+      "Tensor cand_scores, int k, int num_blocks, Tensor? prune_slots, Tensor? tables=None, "
+      "bool keep_first=False) "
       "-> (Tensor, Tensor)");
 }
 

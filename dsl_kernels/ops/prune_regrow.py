@@ -22,6 +22,13 @@ candidates outside their table's columns or in a padding row, which would otherw
 ``checks_tables`` (the cpu kernel) does that check in its own pass over the keys, with the same
 ``ValueError`` text; for the others it runs here in Python (candidate-sized temporaries).
 
+``keep_first`` (default False): a row's first active block -- an active slot whose column
+(``coord % num_blocks``) is the lowest set bit of ``row_mask[coord // num_blocks]`` -- is not
+prunable: it is neither counted among the prunable blocks (``k`` shrinks accordingly) nor ever
+chosen, so no row that has blocks loses all of them. With ``prune_slots`` both restrictions
+apply. It costs no ``[C]`` temporary (the cpu kernel reads the row's mask words in its key pass;
+the reference works in chunks). ``DSLScheduler(keep_rows=True)``, the default, sets it.
+
 Determinism: ties in magnitude go to the lower slot, ties in score to the lower key.
 Non-finite numbers: a block holding NaN/Inf has magnitude ``-inf`` — it is pruned FIRST; a
 non-finite candidate score is ignored (such a candidate is never grown).
@@ -94,7 +101,8 @@ def _check_keys(values: Tensor, row_mask: Tensor, cand_keys: Tensor, num_blocks:
 @torch.library.custom_op("dsl::prune_regrow_", mutates_args=("values", "coord"))
 def prune_regrow_(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys: Tensor,
                   cand_scores: Tensor, k: int, num_blocks: int, prune_slots: Optional[Tensor],
-                  backend: str, tables: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  backend: str, tables: Optional[Tensor] = None, keep_first: bool = False
+                  ) -> Tuple[Tensor, Tensor]:
     """In-place prune/regrow of a slot pool (module docstring). Call under ``torch.no_grad()``
     with ``values`` the pool's Parameter (or its ``.data``). Bad arguments raise before anything
     is written.
@@ -110,17 +118,38 @@ def prune_regrow_(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys: Te
     """
     _check_structure(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, tables)
     impl = implementation(backend, "prune_regrow_")
-    if getattr(impl, "checks_tables", False):  # the kernel checks the layout in its key pass
-        _check_keys(values, row_mask, cand_keys, num_blocks, prune_slots, None)
+    in_kernel = getattr(impl, "checks_tables", False)  # the kernel checks the layout itself
+    _check_keys(values, row_mask, cand_keys, num_blocks, prune_slots,
+                None if in_kernel else tables)
+    kw = {}
+    if keep_first:
+        if getattr(impl, "keeps_first", False):
+            kw["keep_first"] = True
+        else:  # an implementation without the flag (a user backend): the slot list instead
+            prune_slots = _unprotected_slots(coord, row_mask, num_blocks, prune_slots)
+    if in_kernel:
         return impl(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, prune_slots,
-                    tables)
-    _check_keys(values, row_mask, cand_keys, num_blocks, prune_slots, tables)
-    return impl(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, prune_slots)
+                    tables, **kw)
+    return impl(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, prune_slots,
+                **kw)
+
+
+def _unprotected_slots(coord: Tensor, row_mask: Tensor, num_blocks: int,
+                       prune_slots: Optional[Tensor]) -> Tensor:
+    """The active slots of ``prune_slots`` (None = all slots) less the rows' first active
+    blocks: ``keep_first`` for an implementation that lacks the flag (an ``int64`` list, ``[C]``
+    at most)."""
+    from ..backends.reference.prune_regrow import first_block_flags
+
+    slots = (torch.arange(coord.numel(), device=coord.device) if prune_slots is None
+             else prune_slots.long())
+    c = coord[slots]
+    return slots[(c >= 0) & ~first_block_flags(c, row_mask, num_blocks)]
 
 
 @prune_regrow_.register_fake
 def _prune_regrow_fake(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks,
-                       prune_slots, backend, tables=None):
+                       prune_slots, backend, tables=None, keep_first=False):
     _check_structure(values, coord, row_mask, cand_keys, cand_scores, k, num_blocks, tables)
     n = torch.library.get_ctx().new_dynamic_size()
     return coord.new_empty((n,)), coord.new_empty((n,))

@@ -4,7 +4,8 @@ the oracle, and the implementation every backend uses until it has a kernel of i
 Memory: the temporaries are one fp32 ``[C]`` (magnitudes, computed in chunks so fp16/bf16 pools
 are never upcast whole), one bool ``[C]``, one bool per candidate and chunk-sized int64 arrays
 (the candidates' activeness test), plus ``k``-sized results — about 4 % of the steady state of an
-Adam-trained pool; nothing of size ``N * NB`` or ``N * D``.
+Adam-trained pool; nothing of size ``N * NB`` or ``N * D``. ``keep_first`` adds chunk-sized
+temporaries only (:func:`first_block_flags` per chunk of slots).
 """
 from __future__ import annotations
 
@@ -76,6 +77,47 @@ def is_active_chunked(row_mask: Tensor, keys: Tensor, num_blocks: int,
     return out
 
 
+def first_block_flags(keys: Tensor, row_mask: Tensor, num_blocks: int) -> Tensor:
+    """bool per entry of ``keys`` (block keys ``row * num_blocks + col``; negative = free slot,
+    never flagged): True where ``col`` is the lowest set bit of ``row_mask[row]`` (bit ``j`` in
+    word ``j >> 6``), i.e. the block is its row's first (lowest-column) active block. A few
+    ``keys``-sized int64 temporaries: call it on chunks (:func:`count_first_blocks`). Raises
+    ``IndexError`` naming the entry when a key is not a block of the table."""
+    keys = keys.long()
+    N, W = row_mask.shape
+    if keys.numel() and int(keys.max()) >= N * num_blocks:
+        i = int(torch.nonzero(keys >= N * num_blocks)[0])
+        raise IndexError(f"coord entry {i} = {int(keys[i])} is not a block of the {N} x "
+                         f"{num_blocks} table (keep_first reads its row's mask)")
+    row = keys.clamp(min=0)
+    col = row % num_blocks
+    row //= num_blocks
+    wi = col >> 6
+    word = row_mask[row, wi]
+    low = word.neg().bitwise_and_(word)  # the word's lowest set bit (bit 63 maps to itself)
+    del word
+    bit = torch.ones_like(col).bitwise_left_shift_(col.bitwise_and_(63))
+    del col
+    out = low == bit
+    del low, bit
+    out &= keys >= 0
+    if W > 1:  # every lower word of the row must be empty
+        for w in range(int(wi.max()) if wi.numel() else 0):
+            out &= (wi <= w) | (row_mask[row, w] == 0)
+    return out
+
+
+def count_first_blocks(coord: Tensor, row_mask: Tensor, num_blocks: int,
+                       slots: Optional[Tensor] = None, chunk: int = _KEY_CHUNK) -> int:
+    """How many of ``coord`` (or of ``coord[slots]``) are their row's first active block."""
+    n = coord.numel() if slots is None else slots.numel()
+    total = 0
+    for a in range(0, n, chunk):
+        c = coord[a:a + chunk] if slots is None else coord[slots[a:a + chunk]]
+        total += int(first_block_flags(c, row_mask, num_blocks).sum())
+    return total
+
+
 # ---------------------------------------------------------------------------- reference
 
 
@@ -83,10 +125,15 @@ def is_active_chunked(row_mask: Tensor, keys: Tensor, num_blocks: int,
 @torch.no_grad()
 def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand_keys: Tensor,
                            cand_scores: Tensor, k: int, num_blocks: int,
-                           prune_slots: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                           prune_slots: Optional[Tensor], keep_first: bool = False
+                           ) -> Tuple[Tensor, Tensor]:
     """Pure-torch oracle of ``dsl::prune_regrow_`` (see the module docstring); mutates
-    ``values`` and ``coord``; returns ``(slots int64[k'], pruned_keys int64[k'])``."""
+    ``values`` and ``coord``; returns ``(slots int64[k'], pruned_keys int64[k'])``.
+    ``keep_first``: a row's first (lowest-column) active block is never pruned."""
     dev = coord.device
+    ps = None if prune_slots is None else prune_slots.long()
+    # Read (and checked) before anything is written.
+    n_first = count_first_blocks(coord, row_mask, num_blocks, ps) if keep_first else 0
     # Candidates first, magnitudes after, and temporaries dropped as soon as they are used: the
     # peak stays near max(candidate-sized, [C]) instead of their sum.
     # 1. growable candidates: finite score, inactive now, merged by key (max score).
@@ -109,10 +156,9 @@ def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand
         uk, us = ck, cs
     # 2. prunable blocks.
     if prune_slots is None:
-        n_prunable = int((coord >= 0).sum())
+        n_prunable = int((coord >= 0).sum()) - n_first
     else:
-        ps = prune_slots.long()
-        n_prunable = ps.numel() - int((coord[ps] < 0).sum())
+        n_prunable = ps.numel() - int((coord[ps] < 0).sum()) - n_first
     k = max(0, min(int(k), n_prunable, uk.numel()))
     # k largest scores, ties to the lower key; positions ascending = keys ascending. Selection,
     # not a sort: O(#candidates).
@@ -125,6 +171,11 @@ def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand
     else:
         mag = block_magnitudes(values, ps)
         mag.masked_fill_(coord[ps] < 0, float("inf"))
+    if keep_first:  # protected blocks: never chosen, like a free slot
+        for a in range(0, mag.numel(), _KEY_CHUNK):
+            c = coord[a:a + _KEY_CHUNK] if prune_slots is None else coord[ps[a:a + _KEY_CHUNK]]
+            mag[a:a + _KEY_CHUNK].masked_fill_(first_block_flags(c, row_mask, num_blocks),
+                                              float("inf"))
     pos = smallest_k(mag, k)
     del mag
     # 4. hand the freed slots over.
@@ -133,3 +184,6 @@ def prune_regrow_reference(values: Tensor, coord: Tensor, row_mask: Tensor, cand
     coord[slots] = grown
     values[slots] = 0
     return slots, pruned
+
+
+prune_regrow_reference.keeps_first = True  # read by dsl_kernels/ops/prune_regrow.py
