@@ -31,7 +31,7 @@ Usage (the loop is ``loss.backward(); optimizer.step(); scheduler.step()``)::
 
     >>> import torch, dsl_kernels
     >>> from dsl_kernels.sparsity import DSLScheduler
-    >>> emb = dsl_kernels.SparseEmbeddingBag(1000, 32, mode="sum", density=0.1, block_size=8,
+    >>> emb = dsl_kernels.SparseEmbeddingBag(1000, 32, mode="sum", density=0.3, block_size=8,
     ...                                      backend="reference")
     >>> opt = torch.optim.Adam(emb.parameters(), lr=1e-2)
     >>> sched = DSLScheduler(emb, opt, update_every=10, prune_fraction=0.3, stop_at=100,

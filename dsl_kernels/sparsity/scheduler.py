@@ -117,9 +117,12 @@ class DSLScheduler:
             published code does; it is offered for that baseline.
         keep_rows: never prune a row's last active block (its lowest column is kept out of the
             prune candidates), so no row that has blocks loses all of them: a user or item with
-            no active block scores 0 against everything. Recommended for ranking models (the
-            ``dsl-train`` recipe sets it); off by default because the candidate list costs a
-            temporary ``int64[C]`` at each update (over the 5 % peak-memory allowance at B = 8).
+            no active block scores 0 against everything. On by default (the ``dsl-train``
+            recipe's choice); ``False`` is plain DSL (the paper's baseline prunes any block).
+            Done inside ``dsl::prune_regrow_`` (``keep_first``) at no extra memory. A pool whose
+            rows hold one block each (e.g. an aligned mask at density ``1 / num_blocks``) has
+            nothing prunable then, and its mask does not move; a protected block that holds
+            NaN/Inf (``nan_policy="ignore"``) is not pruned either.
 
     The loop is ``loss.backward(); optimizer.step(); scheduler.step()``.
     """
@@ -135,7 +138,7 @@ class DSLScheduler:
                  freeze_windows: int = 1, hot_fraction: float = 0.1,
                  max_stale_change: Optional[float] = None, grow_init: GrowInit = "zeros",
                  nan_policy: str = "raise", seed: int = 0, reset_optimizer: bool = True,
-                 keep_rows: bool = False):
+                 keep_rows: bool = True):
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
@@ -354,19 +357,6 @@ class DSLScheduler:
         scores = torch.arange(keys.numel(), 0, -1, dtype=torch.float32, device=keys.device)
         return keys, scores
 
-    def _prunable(self, m: BlockSparseBase, slots: Optional[Tensor]) -> Optional[Tensor]:
-        """The slots a prune may take: ``slots`` (None = all), less every row's first active
-        block when ``keep_rows``."""
-        if not self.keep_rows:
-            return slots
-        keep = m.coord >= 0 if slots is None else torch.zeros_like(m.coord, dtype=torch.bool)
-        if slots is not None:
-            keep[slots.long()] = m.coord[slots.long()] >= 0
-        starts, ends = m.row_ptr[:-1].long(), m.row_ptr[1:].long()
-        first = m.row_slots.long()[starts[ends > starts]]   # CSR rows are sorted by column
-        keep[first] = False
-        return torch.nonzero(keep).squeeze(1)
-
     def _regrow(self, pool: _Pool, frac: float) -> None:
         m = pool.module
         backend = m.backend_for()
@@ -381,15 +371,19 @@ class DSLScheduler:
             keys, scores = self._candidates(pool, m.tables, k)
             # Extension point: a pool that is one shard of a larger collection (see
             # dsl_kernels.torchrec) defines ``dsl_prune_regrow_(keys, scores, fraction,
-            # prunable) -> grown slots`` and applies one threshold across all shards itself.
+            # prunable=None, keep_first=False) -> grown slots`` and applies one threshold across
+            # all shards itself; ``keep_first=True`` (passed only when keep_rows) asks it to keep
+            # every row's first active block, as the op does.
             sharded = getattr(m, "dsl_prune_regrow_", None)
             if sharded is not None:
-                slots_all.append(sharded(keys, scores, frac, self._prunable(m, None)))
+                kw = {"keep_first": True} if self.keep_rows else {}
+                slots_all.append(sharded(keys, scores, frac, None, **kw))
                 pruned_all = None
             elif k > 0:
+                # keep_rows: the op keeps each row's first block itself (no slot list).
                 slots, pruned = prune_regrow_(m.values, m.coord, m.row_mask, keys, scores, k,
-                                              m.num_blocks, self._prunable(m, None), backend,
-                                              layout)
+                                              m.num_blocks, None, backend, layout,
+                                              self.keep_rows)
                 slots_all.append(slots)
                 pruned_all.append(pruned)
         else:
@@ -399,7 +393,6 @@ class DSLScheduler:
             for j, t in enumerate(m.tables):
                 ps = m.table_slots(t)
                 k = int(round(frac * ps.numel()))
-                ps = self._prunable(m, ps)
                 requested += max(k, 0)
                 if k <= 0:
                     continue
@@ -408,7 +401,7 @@ class DSLScheduler:
                 else:
                     tk, ts = self._candidates(pool, [t], k)
                 slots, pruned = prune_regrow_(m.values, m.coord, m.row_mask, tk, ts, k,
-                                              m.num_blocks, ps, backend, layout)
+                                              m.num_blocks, ps, backend, layout, self.keep_rows)
                 slots_all.append(slots)
                 pruned_all.append(pruned)
         pool.acc.clear()

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.reference.prune_regrow import first_block_flags
 from ..distributed import all_gather_varlen
 from ..modules import SparseEmbeddingBagCollection, TableConfig
 
@@ -135,13 +136,15 @@ class ShardPool(SparseEmbeddingBagCollection):
     # ------------------------------------------------------------------ global mask update
     @torch.no_grad()
     def dsl_prune_regrow_(self, keys: Tensor, scores: Tensor, fraction: float,
-                          prunable: Optional[Tensor] = None) -> Tensor:
+                          prunable: Optional[Tensor] = None, keep_first: bool = False
+                          ) -> Tensor:
         """``DSLScheduler``'s extension point (see the module docstring): prune the ``k =
         round(fraction * active blocks of all shards)`` weakest blocks of the collection (among
-        this rank's ``prunable`` slots, default all active ones) and grow its ``k`` best
-        candidates; ties go to the lower key of the unsharded collection. Returns this rank's
-        slots that received a grown block (zeroed); freed slots are emptied and the index is
-        rebuilt here."""
+        this rank's ``prunable`` slots, default all active ones; ``keep_first``: less every
+        row's first active block, as ``dsl::prune_regrow_(keep_first=True)``) and grow its
+        ``k`` best candidates; ties go to the lower key of the unsharded collection. Returns
+        this rank's slots that received a grown block (zeroed); freed slots are emptied and the
+        index is rebuilt here."""
         pg = self.process_group
         active = self.coord >= 0
         n_active = int(active.sum())
@@ -161,6 +164,8 @@ class ShardPool(SparseEmbeddingBagCollection):
         # Prune candidates: the k weakest active blocks locally (NaN/Inf blocks first).
         slots = (torch.nonzero(active).squeeze(1) if prunable is None
                  else prunable.to(self.coord.device, torch.int64))
+        if keep_first:  # a row's first (lowest-column) active block stays
+            slots = slots[~first_block_flags(self.coord[slots], self.row_mask, self.num_blocks)]
         mag = torch.linalg.vector_norm(self.values[slots].float(), dim=1)
         mag = mag.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
         pk = self.global_keys(self.coord[slots])

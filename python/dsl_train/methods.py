@@ -295,8 +295,7 @@ class Controller:
             kw.update(prune_fraction=0.0)
         if not cfg.reset_optimizer:
             kw.update(reset_optimizer=False)
-        if cfg.keep_rows:
-            kw.update(keep_rows=True)
+        kw.update(keep_rows=bool(cfg.keep_rows))  # explicit: the library default is True now
         if cfg.method == "dense_to_sparse":
             kw.update(schedule="dense_to_sparse", t_start=0, t_end=self.stop_step,
                       target_density=cfg.density)
