@@ -327,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   } else {
     // Reads each slot's row words: the active blocks that are not their row's first, and the
     // entries past the table (an error, raised below: nothing is written yet).
-    constexpr int64_t kBad = int64_t(1) << 40;  // n_src < 2^40: counts of both fit one int64
+    constexpr int64_t kBad = int64_t(1) << 40;  // a flag above any count (n_src < 2^40)
     const int64_t acc = at::parallel_reduce(
         0, n_src, 4096, int64_t(0),
         [&](int64_t a, int64_t b, int64_t acc) {
@@ -335,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
             if (i + 16 < b) fb.prefetch(cp[src != nullptr ? src[i + 16] : i + 16]);
             const int64_t c = cp[src != nullptr ? src[i] : i];
             if (c >= total) {
-              acc += kBad;
+              acc |= kBad;  // once per chunk: the sum of the chunks cannot overflow
             } else {
               acc += c >= 0 && !fb.protects(c);
             }
