@@ -205,6 +205,34 @@ def test_keep_rows_never_empties_a_row(keep):
         assert not bool(still[had].all())   # without it, the prune empties some rows
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_rows_default_warns_when_one_block_per_row_cannot_move(keep):
+    """With the default keep_rows=True a pool of one block per row has nothing to prune: the
+    scheduler says so once instead of silently training a static mask; keep_rows=False moves."""
+    import warnings
+
+    torch.manual_seed(0)
+    rows, nb = 64, 4
+    e = dsl_kernels.SparseEmbedding(rows, 4 * nb, density=1 / nb, block_size=4,
+                                    backend="reference")
+    assert bool((_row_blocks(e, rows, nb) <= 1).all())
+    opt = torch.optim.Adam(e.parameters(), lr=1e-3)
+    kw = {} if keep else {"keep_rows": False}
+    s = DSLScheduler(e, opt, update_every=1, prune_fraction=0.3, stop_at=100, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            (e(torch.randint(0, rows, (256,))) - 1).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            s.step()
+    static = [w for w in caught if "keep_rows" in str(w.message)]
+    if keep:
+        assert s.stats()["moved_blocks"] == 0 and len(static) == 1   # warned once, not twice
+    else:
+        assert s.stats()["moved_blocks"] > 0 and not static
+
+
 def test_masked_cosine_is_the_cosine_for_full_rows_and_ignores_unshared_columns():
     from dsl_train.models import MF
 

@@ -3,6 +3,7 @@ pool of a model. See :mod:`dsl_kernels.sparsity` for the methods and a usage exa
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -427,6 +428,17 @@ class DSLScheduler:
                 update_index_lean(m, slots, _cat(pruned_all))
         self._stats["requested_moves"] = self._stats.get("requested_moves", 0) + requested
         self._stats["moved_blocks"] += int(slots.numel())
+        if (self.keep_rows and requested > 0 and slots.numel() == 0
+                and not getattr(self, "_warned_static", False)):
+            # The default keeps every row's only block: a pool of one block per row (e.g. an
+            # aligned mask at density 1 / num_blocks) has nothing to prune, and DSL would
+            # silently train a static mask.
+            self._warned_static = True
+            warnings.warn(f"DSLScheduler: no block moved although {requested} were requested. "
+                          "With keep_rows=True (the default) a row's only block is never "
+                          "pruned, so a pool whose rows hold at most one block cannot move; "
+                          "pass keep_rows=False or use a higher density.", RuntimeWarning,
+                          stacklevel=3)
 
     def _init_grown(self, m: BlockSparseBase, slots: Tensor) -> None:
         gi = self.grow_init
