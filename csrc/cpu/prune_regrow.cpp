@@ -14,11 +14,13 @@
 //               radix select (16 + 16 bits) finds the exact k-th key; ties go to the lower slot.
 //               keep_first: a row's first active block (its column is the lowest set bit of
 //               the row's mask words) gets the "never chosen" key too and is not counted as
-//               prunable -- the row's words are read per slot, no temporary.
+//               prunable -- looked up in a bitmap of the first blocks (1 bit per block of the
+//               table) built by one sequential pass over the mask.
 // Extra memory: 2 bytes per slot or per candidate (the keys' high halves; not alive together),
-// a 256 KB histogram, the k-th key's bucket and the k-sized results, which double as the
-// selections' buffers. All of it is at::empty, so allocation trackers see it. The unsorted
-// candidate path (random growth) adds 16 bytes per candidate.
+// with keep_first 1 bit per block of the table (N * num_blocks / 8 bytes), a 256 KB histogram,
+// the k-th key's bucket and the k-sized results, which double as the selections' buffers. All
+// of it is at::empty / at::zeros, so allocation trackers see it. The unsorted candidate path
+// (random growth) adds 16 bytes per candidate.
 // Everything is checked before anything is written.
 #include <torch/library.h>
 
@@ -119,27 +121,42 @@ class RadixSelect {
   int32_t* hist_;
 };
 
-// keep_first: is block `key` (>= 0, in the table) its row's first active block, i.e. is its
-// column the lowest set bit of the row's mask words? (The reference's first_block_flags.)
-inline bool is_first_block(const uint64_t* mask, int64_t W, const KeySplit& ks, int64_t key) {
-  const int64_t r = ks.row(key), j = key - r * ks.nb;
-  const uint64_t* w = mask + r * W;
-  for (int64_t u = 0; u < W; ++u)
-    if (w[u] != 0) return u * 64 + __builtin_ctzll(w[u]) == j;
-  return false;
+// keep_first: a bitmap with one bit per block of the table (total / 8 bytes, at most the mask's
+// size: 1 bit per block instead of the mask's 64 per row word), set for each row's first active
+// block, i.e. the column of the lowest set bit of the row's mask words (the reference's
+// first_block_flags). Built in one sequential pass over the mask; the slots then test their bit
+// in it instead of reading their row's mask words (scattered over the whole mask: a cache miss
+// per slot; the bitmap is 8x smaller at 8 blocks per row and stays in cache).
+inline at::Tensor first_block_bitmap(const uint64_t* mask, int64_t N, int64_t W, int64_t nb,
+                                     const at::TensorOptions& o) {
+  at::Tensor t = at::zeros({(N * nb + 63) / 64}, o.dtype(at::kLong));
+  uint64_t* bits = reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>());
+  for (int64_t r = 0; r < N; ++r) {
+    const uint64_t* w = mask + r * W;
+    for (int64_t u = 0; u < W; ++u) {
+      if (w[u] != 0) {
+        const int64_t j = u * 64 + __builtin_ctzll(w[u]);
+        if (j < nb) {  // a stray bit past the row's blocks protects nothing (as in the reference)
+          const int64_t key = r * nb + j;
+          bits[key >> 6] |= uint64_t(1) << (key & 63);
+        }
+        break;
+      }
+    }
+  }
+  return t;
 }
 
-// Slots a prune may not take: a row's first active block, when keep_first (mask != nullptr).
+// Slots a prune may not take: a row's first active block, when keep_first (bits != nullptr).
+// `key` is checked against the table's size before (the count pass raises on a larger one).
 struct FirstBlocks {
-  const uint64_t* mask = nullptr;
-  int64_t W = 0;
-  const KeySplit* ks = nullptr;
+  const uint64_t* bits = nullptr;
   inline bool protects(int64_t key) const {
-    return mask != nullptr && key >= 0 && is_first_block(mask, W, *ks, key);
+    return bits != nullptr && key >= 0 && ((bits[key >> 6] >> (key & 63)) & 1);
   }
-  // The slots' rows are scattered over the mask: fetch the row of a slot some steps ahead.
+  // The slots' blocks are scattered over the bitmap: fetch the word of a slot some steps ahead.
   inline void prefetch(int64_t key) const {
-    if (mask != nullptr && key >= 0) __builtin_prefetch(mask + ks->row(key) * W);
+    if (bits != nullptr && key >= 0) __builtin_prefetch(bits + (key >> 6));
   }
 };
 
@@ -312,10 +329,10 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
   const int64_t n_src = ps.defined() ? ps.numel() : C;
   const int64_t* src = ps.defined() ? ps.data_ptr<int64_t>() : nullptr;
   FirstBlocks fb;
+  at::Tensor first_bits;
   if (keep_first) {
-    fb.mask = mask;
-    fb.W = W;
-    fb.ks = &ks;
+    first_bits = first_block_bitmap(mask, N, W, num_blocks, lopts);
+    fb.bits = reinterpret_cast<const uint64_t*>(first_bits.data_ptr<int64_t>());
   }
   int64_t n_prunable = 0;
   if (!keep_first) {
@@ -325,8 +342,9 @@ std::tuple<at::Tensor, at::Tensor> prune_regrow_cpu(at::Tensor& values, at::Tens
       for (int64_t i = 0; i < n_src; ++i) n_prunable += cp[src[i]] >= 0;
     }
   } else {
-    // Reads each slot's row words: the active blocks that are not their row's first, and the
-    // entries past the table (an error, raised below: nothing is written yet).
+    // Tests each slot's bit in the first-block bitmap: the active blocks that are not their
+    // row's first, and the entries past the table (an error, raised below: nothing is written
+    // yet).
     constexpr int64_t kBad = int64_t(1) << 40;  // a flag above any count (n_src < 2^40)
     const int64_t acc = at::parallel_reduce(
         0, n_src, 4096, int64_t(0),
