@@ -39,11 +39,13 @@ def _plan_step(emb, case, opt, values=None, s1=None, s2=None, step=3):
     return out, (values, s1, s2, skipped), plan, scale
 
 
+# B = 8 takes the kernels' compile-time block-size path (with_block_size), B = 3 the generic one.
+@pytest.mark.parametrize("B", [3, 8])
 @pytest.mark.parametrize("case", SUM_MEAN_CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("opt", list(fused.OPTIMIZERS.values()),
                          ids=list(fused.OPTIMIZERS.keys()))
-def test_matches_lookup_and_fused_update(case, opt):
-    emb, c = _op_case(*case)
+def test_matches_lookup_and_fused_update(case, opt, B):
+    emb, c = _op_case(*case, D=4 * B, B=B)
     out, got, _, _ = _plan_step(emb, c, opt)
     want_out, _ = torch.ops.dsl_C.lookup(emb.values.detach(), emb.row_ptr, emb.row_slots,
                                          emb.row_mask, c["indices"], c["offsets"],
