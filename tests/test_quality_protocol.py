@@ -134,6 +134,24 @@ def test_frequency_floor_gives_every_seen_row_a_block():
     assert per.tolist() == [1, 1, 0, 0, 0, 0, 1, 0]
 
 
+def test_frequency_rounding_remainder_goes_to_the_most_frequent_rows():
+    # power 0: every seen row weighs the same, so the rounding remainder is a pure tie; it
+    # goes to the most frequent rows (it went wherever topk put equal keys, often the last rows).
+    from dsl_kernels.sparsity.layout import frequency_counts
+
+    counts = torch.tensor([1, 9, 3, 7, 5, 0])
+    lim = torch.full((6,), 4)
+    assert frequency_counts(counts, 7, lim, power=0.0).tolist() == [1, 2, 1, 2, 1, 0]
+    assert frequency_counts(counts, 8, lim, power=0.0).tolist() == [1, 2, 1, 2, 2, 0]
+    # equal counts: the lowest rows first, whatever the order topk would give
+    same = torch.tensor([4, 4, 4, 4, 4, 4])
+    assert frequency_counts(same, 8, lim, power=0.5).tolist() == [2, 2, 1, 1, 1, 1]
+    # the total is exact at every budget and no row passes its limit
+    for budget in range(0, 25):
+        per = frequency_counts(counts, budget, lim, power=0.5)
+        assert int(per.sum()) == min(budget, 20) and bool((per <= lim).all())
+
+
 def test_align_keeps_counts_and_moves_to_first_columns():
     torch.manual_seed(0)
     e = dsl_kernels.SparseEmbedding(30, 32, density=0.3, block_size=8)

@@ -15,7 +15,6 @@ index. Call them before training (the optimizer state of moved slots is not touc
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -73,9 +72,10 @@ def align_(pool: BlockSparseBase) -> None:
     _write_prefix_layout(pool, counts)
 
 
-def _water_fill(w: Tensor, lim: Tensor, target: float) -> Tensor:
+def _water_fill(w: Tensor, lim: Tensor, target: float, tie: Optional[Tensor] = None) -> Tensor:
     """Integer x <= lim with sum(x) = target and x ~ c * w (bisection on c, then the rounding
-    remainder to the largest fractional parts)."""
+    remainder to the largest fractional parts; equal parts go to the largest ``tie`` first,
+    then to the lowest index, so the result does not depend on how topk breaks ties)."""
     if target <= 0:
         return torch.zeros_like(lim)
     lo, hi = 0.0, 1.0
@@ -90,13 +90,20 @@ def _water_fill(w: Tensor, lim: Tensor, target: float) -> Tensor:
     x = torch.minimum(w * hi, lim)
     base = torch.floor(x)
     rest = int(round(target - float(base.sum())))
+    tie = torch.zeros_like(x) if tie is None else tie.to(x.dtype)
     if rest > 0:
-        frac = torch.where(base < lim, x - base, torch.full_like(x, -1.0))
-        base[torch.topk(frac, rest).indices] += 1
-    elif rest < 0:
-        base[torch.topk(torch.where(base > 0, base - x, torch.full_like(x, -math.inf)),
-                        -rest).indices] -= 1
+        base[_first(x - base, tie, base < lim, rest)] += 1
+    elif rest < 0:  # take back from the smallest fractional parts, the least frequent first
+        base[_first(base - x, -tie, base > 0, -rest)] -= 1
     return base
+
+
+def _first(key: Tensor, tie: Tensor, ok: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows with ``ok`` by key descending, then tie descending, then index
+    (two stable sorts: topk would break ties in an unspecified order)."""
+    by_tie = torch.argsort(tie, descending=True, stable=True)
+    order = by_tie[torch.argsort(key[by_tie], descending=True, stable=True)]
+    return order[ok[order]][:n]
 
 
 def frequency_counts(row_counts: Tensor, budget: int, limits: Tensor,
@@ -128,7 +135,8 @@ def frequency_counts(row_counts: Tensor, budget: int, limits: Tensor,
         return floor.to(torch.int64)
     w = row_counts.double().clamp(min=0) ** power
     w[~seen] = 0.0
-    extra = _water_fill(w, lim - floor, float(budget) - float(floor.sum()))
+    extra = _water_fill(w, lim - floor, float(budget) - float(floor.sum()),
+                        tie=row_counts.double())
     return (floor + extra).to(torch.int64)
 
 
