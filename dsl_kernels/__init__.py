@@ -11,6 +11,7 @@ from .backends import register_backend, register_impl
 from .modules import SparseEmbedding, SparseEmbeddingBag, SparseEmbeddingBagCollection, TableConfig
 from .pool import BlockSparseBase, LookupRecord, TableSpec
 from .checkpoint import CheckpointError, load, save
+from .bounds import bounds_check_mode, check_bounds, get_bounds_check_mode, set_bounds_check_mode
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,8 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "set_bounds_check_mode",
+    "get_bounds_check_mode",
+    "bounds_check_mode",
+    "check_bounds",
 ]

@@ -1,14 +1,19 @@
 // Torch binding of the CUDA kernels: TORCH_LIBRARY_IMPL(dsl_C, CUDA, m).
 //
 // Built only into dsl_kernels._C_cuda (setup.py, CUDA torch + nvcc). Each op checks its
-// arguments (structure on the host, values with the validate_bags kernel and one read-back),
-// allocates the outputs, and calls the raw-pointer launch API of launch.h on the current
+// arguments (structure on the host; values with the validate_bags kernel, read back or not as
+// the bounds-check mode below says), allocates the outputs, and calls the raw-pointer launch API of launch.h on the current
 // stream. The deterministic backward and grow_scores sort the entries by row with torch's
 // stable sort here, so the .cu files need nothing beyond the CUDA toolkit.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <vector>
 
 #include "../checks.h"
 #include "launch.h"
@@ -50,17 +55,44 @@ Bags bags_of(const at::Tensor& idx, const at::Tensor& off, const at::Tensor& psw
               static_cast<int>(mode), pad};
 }
 
-// Runs the validation kernel and raises on the first bad value; returns L = offsets[-1].
-int64_t validate(const char* op, const Bags& bags, int64_t N, const at::Tensor& max_idx,
-                 int64_t D, const c10::Device& dev, cudaStream_t stream) {
-  at::Tensor err = at::zeros({dsl_cuda::kErrorWords}, at::TensorOptions().dtype(at::kLong).device(dev));
-  check_launch(op, dsl_cuda::validate_bags(bags, N,
-                                           max_idx.defined() ? max_idx.data_ptr<int64_t>() : nullptr,
-                                           D, err.data_ptr<int64_t>(), stream));
-  const at::Tensor h = err.cpu();  // synchronises
-  const int64_t* e = h.data_ptr<int64_t>();
+// Bounds-check mode of the CUDA ops, process-wide (dsl_kernels.set_bounds_check_mode):
+//   raise  (default) the validation kernel runs and its record is read back before the op
+//          writes anything: a bad value raises naming the argument (one host sync per op);
+//   device the validation kernel records the first bad value into a persistent per-device
+//          record and nothing is read back (dsl_kernels.check_bounds() raises later); the
+//          kernels skip what they cannot use (rows outside the table, offsets clamped);
+//   off    no validation kernel; the kernels skip as in "device".
+// FBGEMM's BoundsCheckMode plays the same part for its TBE ops.
+enum CheckMode : int64_t { kCheckRaise = 0, kCheckDevice = 1, kCheckOff = 2 };
+std::atomic<int64_t> g_check_mode{kCheckRaise};
+
+int64_t cuda_bounds_check_mode(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= kCheckOff,
+              "cuda_bounds_check_mode: mode must be 0 (raise), 1 (device), 2 (off) or -1 "
+              "(query), got ", mode);
+  return mode < 0 ? g_check_mode.load() : g_check_mode.exchange(mode);
+}
+
+// The persistent record of "device" mode on `dev` (int64[kErrorWords], zero = no error).
+at::Tensor device_record(const c10::Device& dev) {
+  static std::mutex mu;
+  static std::vector<at::Tensor> records;
+  TORCH_CHECK(dev.is_cuda(), "cuda_bounds_record: device must be a CUDA device, got ", dev);
+  const c10::DeviceIndex i = dev.has_index() ? dev.index() : c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<size_t>(i) >= records.size()) records.resize(i + 1);
+  if (!records[i].defined())
+    records[i] = at::zeros({dsl_cuda::kErrorWords},
+                           at::TensorOptions().dtype(at::kLong).device(at::kCUDA, i));
+  return records[i];
+}
+
+at::Tensor cuda_bounds_record(c10::Device dev) { return device_record(dev); }
+
+// Raises on the error record `e` (host copy) of op `op`.
+void raise_record(const char* op, const int64_t* e, const Bags& bags, int64_t N, int64_t D) {
   switch (e[0]) {
-    case dsl_cuda::kOk: break;
+    case dsl_cuda::kOk: return;
     case dsl_cuda::kOffsetStart:
       TORCH_CHECK(false, op, ": offsets must start at 0, got offsets[0] = ", e[2]);
     case dsl_cuda::kOffsetDecreasing:
@@ -77,7 +109,28 @@ int64_t validate(const char* op, const Bags& bags, int64_t N, const at::Tensor& 
                         " is neither -1 nor an entry of its bag");
     default: TORCH_CHECK(false, op, ": validation failed with code ", e[0]);
   }
-  return e[3];
+}
+
+// Checks the batch as the bounds-check mode says. Returns L = offsets[-1] (clamped into
+// [0, num_indices]) when need_length, which outside "raise" mode costs one read-back; else -1.
+int64_t validate(const char* op, const Bags& bags, int64_t N, const at::Tensor& max_idx,
+                 int64_t D, const c10::Device& dev, cudaStream_t stream,
+                 const at::Tensor& offsets, bool need_length) {
+  const int64_t mode = g_check_mode.load();
+  const int64_t* mi = max_idx.defined() ? max_idx.data_ptr<int64_t>() : nullptr;
+  if (mode == kCheckRaise) {
+    at::Tensor err = at::zeros({dsl_cuda::kErrorWords}, at::TensorOptions().dtype(at::kLong).device(dev));
+    check_launch(op, dsl_cuda::validate_bags(bags, N, mi, D, err.data_ptr<int64_t>(), stream));
+    const at::Tensor h = err.cpu();  // synchronises
+    raise_record(op, h.data_ptr<int64_t>(), bags, N, D);
+    return h.data_ptr<int64_t>()[3];
+  }
+  if (mode == kCheckDevice)
+    check_launch(op, dsl_cuda::validate_bags(bags, N, mi, D,
+                                             device_record(dev).data_ptr<int64_t>(), stream));
+  if (!need_length) return -1;
+  const int64_t last = offsets.narrow(0, bags.num_bags, 1).item<int64_t>();  // synchronises
+  return std::min<int64_t>(std::max<int64_t>(last, 0), bags.num_indices);
 }
 
 at::Tensor psw_float(const c10::optional<at::Tensor>& psw) {
@@ -107,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> lookup_cuda(const at::Tensor& values, const a
   const at::Tensor w = psw_float(per_sample_weights);
   const Bags bags = bags_of(idx, off, w, mode, padding_idx);
   const int64_t D = p.NB * p.B;
-  validate(op, bags, p.N, at::Tensor(), D, values.device(), stream);
+  validate(op, bags, p.N, at::Tensor(), D, values.device(), stream, off, false);
 
   at::Tensor out = at::empty({num_bags, D}, values.options());
   const auto long_opts = values.options().dtype(at::kLong);
@@ -130,8 +183,10 @@ SortedEntries sort_entries(const char* op, const at::Tensor& idx, const Bags& ba
                            int64_t N, cudaStream_t stream) {
   SortedEntries s;
   const auto opts = idx.options();
-  s.bag_of = at::empty({L}, opts.dtype(at::kLong));
-  s.scale = at::empty({L}, opts.dtype(at::kFloat));
+  // Zero-filled: with validation off, entries no bag covers keep bag 0 and scale 0 (read in
+  // bounds, contribute nothing in sum/mean mode; max mode compares entry ids, never theirs).
+  s.bag_of = at::zeros({L}, opts.dtype(at::kLong));
+  s.scale = at::zeros({L}, opts.dtype(at::kFloat));
   if (L > 0)
     check_launch(op, dsl_cuda::entry_info(bags, s.bag_of.data_ptr<int64_t>(),
                                           s.scale.data_ptr<float>(), stream));
@@ -170,7 +225,8 @@ at::Tensor lookup_backward_cuda(const at::Tensor& grad_out, const at::Tensor& va
   const at::Tensor w = psw_float(per_sample_weights);
   const at::Tensor fz = frozen.has_value() ? frozen->contiguous() : at::Tensor();
   const Bags bags = bags_of(idx, off, w, mode, padding_idx);
-  const int64_t L = validate(op, bags, p.N, mi, D, dev, stream);
+  // The sorted (deterministic) backward is sized by L = offsets[-1]; the atomic one needs no L.
+  const int64_t L = validate(op, bags, p.N, mi, D, dev, stream, off, deterministic);
 
   at::Tensor grad = at::zeros({p.C, p.B}, values.options().dtype(at::kFloat));
   const PoolIndex pool = pool_of(p, rp, rs, rm, p.B);
@@ -219,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> grow_scores_cuda(
                    rs = row_slots.contiguous(), rm = row_mask.contiguous();
   const at::Tensor w = psw_float(per_sample_weights);
   const Bags bags = bags_of(idx, off, w, mode, padding_idx);
-  const int64_t L = validate(op, bags, p.N, mi, D, dev, stream);
+  const int64_t L = validate(op, bags, p.N, mi, D, dev, stream, off, true);
 
   const SortedEntries s = sort_entries(op, idx, bags, L, p.N, stream);
   auto uc = at::unique_consecutive(s.rows, /*return_inverse=*/false, /*return_counts=*/true);
@@ -291,6 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rebuild_index_cuda(const at::Tens
 
 }  // namespace
 }  // namespace dsl_cuda_binding
+
+TORCH_LIBRARY_FRAGMENT(dsl_C, m) {
+  // Process-wide settings of the CUDA ops (no tensor arguments: one kernel for every key).
+  m.def("cuda_bounds_check_mode(int mode) -> int", &dsl_cuda_binding::cuda_bounds_check_mode);
+  m.def("cuda_bounds_record(Device device) -> Tensor", &dsl_cuda_binding::cuda_bounds_record);
+}
 
 TORCH_LIBRARY_IMPL(dsl_C, CUDA, m) {
   m.impl("lookup", &dsl_cuda_binding::lookup_cuda);

@@ -73,6 +73,23 @@ __device__ __forceinline__ int64_t slot_of(const PoolIndex& P, int64_t r, int64_
   return (s >= 0 && s < P.num_slots) ? s : -1;
 }
 
+// Entries [lo, hi) of bag b with the offsets clamped into [0, num_indices] and hi >= lo: with
+// validation off (bounds-check mode "off" or "device") the offsets are not checked, and a bad
+// bag then reads nothing outside indices instead of reading out of bounds.
+template <typename I>
+__device__ __forceinline__ void bag_range(const I* off, int64_t b, int64_t num_indices,
+                                          int64_t& lo, int64_t& hi) {
+  lo = static_cast<int64_t>(off[b]);
+  hi = static_cast<int64_t>(off[b + 1]);
+  lo = lo < 0 ? 0 : (lo > num_indices ? num_indices : lo);
+  hi = hi < lo ? lo : (hi > num_indices ? num_indices : hi);
+}
+
+// Whether row r is a row of the table (unchecked input may name others; they are skipped).
+__device__ __forceinline__ bool row_ok(const PoolIndex& P, int64_t r) {
+  return r >= 0 && r < P.num_rows;
+}
+
 __device__ __forceinline__ bool block_active(const PoolIndex& P, int64_t r, int64_t j) {
   const unsigned long long* m =
       reinterpret_cast<const unsigned long long*>(P.row_mask) + r * P.num_words;

@@ -1,6 +1,6 @@
 // CUDA fused backward + optimizer over the slot pool (dsl_C::fused_update_rows).
 //
-// Work list (built on the device by torch ops, see dsl_kernels/backends/touched_rows.py): the batch's entries
+// Work list (the touched-rows plan: csrc/cuda/fused_plan.cu, or touched_rows.py): the batch's entries
 // grouped by row. One warp per unique row:
 //   1. finds the row's active, non-frozen blocks (one lane per block column: mask bit, rank by
 //      __popcll, slot) and compacts them into shared memory with a warp ballot;
@@ -8,9 +8,12 @@
 //      owns fixed columns, so the order of the additions is fixed: deterministic), reading only
 //      the active columns of grad_out;
 //   3. applies the optimizer to those columns and writes values / state in place.
-// Rows looked up more than CHUNK times (Zipf-hot) would make one warp the tail of the whole
-// step, so their entries are first summed per chunk by partial_kernel (one warp per chunk, all
-// D columns, into a small [chunks, D] scratch) and the row's warp then adds its chunks in order.
+// Rows looked up thousands of times (Zipf-hot) would make one warp the tail of the whole step,
+// so the sorted entries are cut into aligned chunks of kChunk: partial_kernel sums each chunk
+// that lies inside one run (one warp per chunk, all D columns, into a small [chunks, D]
+// scratch), and the run's warp adds its head entries, those partials in order, then its tail
+// entries. Which chunks are summed follows from the plan alone (no host-side split, no host
+// sync), and the order of the additions is fixed: deterministic.
 //
 // Rounding: products and sums use __fmul_rn/__fadd_rn (no FMA contraction) and IEEE sqrt and
 // division, so a light row is summed and updated exactly as the CPU kernel and the reference do.
@@ -83,13 +86,51 @@ __device__ __forceinline__ void update_elem(const FusedArgs& a, float g, float p
   }
 }
 
+// acc[t] (this lane's columns t = lane, lane + 32, ... of the K active columns) += the
+// gradient of sorted entries [e0, e1).
+template <typename T>
+__device__ __forceinline__ void sum_entries(const FusedArgs& a, int64_t e0, int64_t e1,
+                                            float* acc, const int* act_j, int64_t K,
+                                            int lane) {
+  const T* go = static_cast<const T*>(a.grad_out);
+  const int64_t D = a.D, B = a.B;
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t i = a.perm[e];
+    const int64_t b = a.bag[i];
+    const float s = a.scale ? a.scale[i] : 1.0f;
+    for (int64_t t = lane; t < K; t += 32) {
+      const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
+      const float gv = load_f<T>(go + b * D + col);
+      if (a.max_idx) {
+        if (a.max_idx[b * D + col] == i) acc[t] = __fadd_rn(acc[t], gv);
+      } else {
+        acc[t] = __fadd_rn(acc[t], __fmul_rn(gv, s));
+      }
+    }
+  }
+}
+
+// One warp per aligned chunk of the sorted entries; only a chunk that lies inside one run is
+// summed (all D columns), the others belong to their runs' warps.
 template <typename T>
 __global__ void partial_kernel(FusedArgs a) {
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (c >= a.num_chunks) return;
+  const int64_t R = a.num_runs;
+  if (c >= a.num_chunks || R == 0) return;
+  const int64_t lo = c * kChunk, hi = lo + kChunk;
+  if (hi > a.run_start[R]) return;  // past the kept entries
+  // The run holding entry lo: the last r < R with run_start[r] <= lo (run_start[0] = 0 and
+  // run_start is non-decreasing; real runs are never empty).
+  int64_t l = 0, h = R;
+  while (h - l > 1) {
+    const int64_t m = (l + h) >> 1;
+    if (a.run_start[m] <= lo) l = m;
+    else h = m;
+  }
+  if (a.run_start[l + 1] < hi) return;  // the chunk spans two runs
   const T* go = static_cast<const T*>(a.grad_out);
-  const int64_t lo = a.chunk_lo[c], hi = a.chunk_hi[c], D = a.D;
+  const int64_t D = a.D;
   for (int64_t base = 0; base < D; base += 128) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t e = lo; e < hi; ++e) {
@@ -117,8 +158,10 @@ __global__ void partial_kernel(FusedArgs a) {
   }
 }
 
+// A grid-stride loop of warps over the runs (the grid is sized by the device, not by the
+// number of runs, so a padded plan costs no read-back).
 template <typename T>
-__global__ void update_kernel(FusedArgs a, bool from_partial) {
+__global__ void update_kernel(FusedArgs a) {
   extern __shared__ unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t D = a.D, NB = a.NB, B = a.B, W = a.W;
@@ -129,136 +172,128 @@ __global__ void update_kernel(FusedArgs a, bool from_partial) {
   int* bad = act_j + NB;
   float* rowmean = reinterpret_cast<float*>(bad + NB);  // row-wise Adagrad: mean g^2 per block
   float* rows1 = rowmean + NB;                          // and its state before the update
+  T* vals = static_cast<T*>(a.values);
 
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (q >= (from_partial ? a.num_heavy : a.num_light)) return;
-  const int64_t r = from_partial ? a.heavy[q] : a.light[q];
-  const int64_t row = a.run_rows[r];
-  // Unvalidated input (validate=False, torch.compile) may name rows outside the table: such a
-  // run updates nothing instead of reading the index (and writing slots) out of bounds.
-  if (row < 0 || row >= a.num_rows) return;
-  const uint64_t* m = reinterpret_cast<const uint64_t*>(a.row_mask) + row * W;
-  const int64_t pos0 = a.row_ptr[row];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp; r < a.num_runs;
+       r += stride) {
+    __syncwarp();  // the previous run's reads of the shared arrays are done
+    const int64_t row = a.run_rows[r];
+    // Unvalidated input (validate=False, torch.compile) may name rows outside the table, and a
+    // padded plan ends in runs of row -1: such a run updates nothing.
+    if (row < 0 || row >= a.num_rows) continue;
+    const uint64_t* m = reinterpret_cast<const uint64_t*>(a.row_mask) + row * W;
+    const int64_t pos0 = a.row_ptr[row];
 
-  // 1. Active, non-frozen blocks of the row, compacted in column order.
-  int nact = 0;
-  for (int64_t j0 = 0; j0 < NB; j0 += 32) {
-    const int64_t j = j0 + lane;
-    bool on = false;
-    int64_t slot = -1;
-    if (j < NB) {
-      const uint64_t word = m[j >> 6];
-      const int bit = static_cast<int>(j & 63);
-      on = (word >> bit) & 1ull;
-      if (on) {
-        int64_t rank = __popcll(word & ((1ull << bit) - 1ull));
-        for (int64_t u = 0; u < (j >> 6); ++u) rank += __popcll(m[u]);
-        slot = a.row_slots[pos0 + rank];
-        if (slot < 0 || slot >= a.C) on = false;  // corrupt index: never write out of bounds
-        else if (a.frozen && a.frozen[slot]) on = false;
-      }
-    }
-    const unsigned ballot = __ballot_sync(kFull, on);
-    if (on) {
-      const int k = nact + __popc(ballot & ((1u << lane) - 1u));
-      act_slot[k] = static_cast<int>(slot);
-      act_j[k] = static_cast<int>(j);
-      bad[k] = 0;
-    }
-    nact += __popc(ballot);
-  }
-  __syncwarp();
-  if (nact == 0) return;
-  const int64_t K = static_cast<int64_t>(nact) * B;
-
-  // 2. Gradient of the active columns.
-  for (int64_t t = lane; t < K; t += 32) acc[t] = 0.0f;
-  if (from_partial) {
-    const int64_t c0 = a.chunk_ptr[q], c1 = a.chunk_ptr[q + 1];
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t t = lane; t < K; t += 32) {
-        const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
-        acc[t] = __fadd_rn(acc[t], a.partial[c * D + col]);
-      }
-  } else {
-    const T* go = static_cast<const T*>(a.grad_out);
-    const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t i = a.perm[e];
-      const int64_t b = a.bag[i];
-      const float s = a.scale ? a.scale[i] : 1.0f;
-      for (int64_t t = lane; t < K; t += 32) {
-        const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
-        const float gv = load_f<T>(go + b * D + col);
-        if (a.max_idx) {
-          if (a.max_idx[b * D + col] == i) acc[t] = __fadd_rn(acc[t], gv);
-        } else {
-          acc[t] = __fadd_rn(acc[t], __fmul_rn(gv, s));
+    // 1. Active, non-frozen blocks of the row, compacted in column order.
+    int nact = 0;
+    for (int64_t j0 = 0; j0 < NB; j0 += 32) {
+      const int64_t j = j0 + lane;
+      bool on = false;
+      int64_t slot = -1;
+      if (j < NB) {
+        const uint64_t word = m[j >> 6];
+        const int bit = static_cast<int>(j & 63);
+        on = (word >> bit) & 1ull;
+        if (on) {
+          int64_t rank = __popcll(word & ((1ull << bit) - 1ull));
+          for (int64_t u = 0; u < (j >> 6); ++u) rank += __popcll(m[u]);
+          const int64_t pos = pos0 + rank;
+          slot = (pos >= 0 && pos < a.C) ? a.row_slots[pos] : -1;
+          if (slot < 0 || slot >= a.C) on = false;  // corrupt index: never write out of bounds
+          else if (a.frozen && a.frozen[slot]) on = false;
         }
       }
+      const unsigned ballot = __ballot_sync(kFull, on);
+      if (on) {
+        const int k = nact + __popc(ballot & ((1u << lane) - 1u));
+        act_slot[k] = static_cast<int>(slot);
+        act_j[k] = static_cast<int>(j);
+        bad[k] = 0;
+      }
+      nact += __popc(ballot);
     }
-  }
-  __syncwarp();
+    __syncwarp();
+    if (nact == 0) continue;
+    const int64_t K = static_cast<int64_t>(nact) * B;
 
-  // 3. Optimizer. L2 weight decay first (into acc, so row-wise Adagrad sees the decayed g).
-  T* vals = static_cast<T*>(a.values);
-  if (a.optimizer != 4 && a.weight_decay != 0.0f) {
-    for (int64_t t = lane; t < K; t += 32) {
-      const float p = load_f<T>(vals + static_cast<int64_t>(act_slot[t / B]) * B + t % B);
-      acc[t] = __fadd_rn(acc[t], __fmul_rn(a.weight_decay, p));
+    // 2. Gradient of the active columns, in entry order: head entries, the partials of the
+    //    aligned chunks inside the run (hot rows only), tail entries.
+    for (int64_t t = lane; t < K; t += 32) acc[t] = 0.0f;
+    const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
+    const int64_t c0 = (e0 + kChunk - 1) / kChunk, c1 = e1 / kChunk;
+    if (c1 > c0) {
+      sum_entries<T>(a, e0, c0 * kChunk, acc, act_j, K, lane);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t t = lane; t < K; t += 32) {
+          const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
+          acc[t] = __fadd_rn(acc[t], a.partial[c * D + col]);
+        }
+      sum_entries<T>(a, c1 * kChunk, e1, acc, act_j, K, lane);
+    } else {
+      sum_entries<T>(a, e0, e1, acc, act_j, K, lane);
     }
     __syncwarp();
-  }
-  // Row-wise Adagrad reads every column of a block and writes one state per block: snapshot
-  // both per block first, so a lane's write can never race with another lane's read.
-  if (a.optimizer == 2) {
-    for (int64_t blk = lane; blk < nact; blk += 32) {
-      float sq = 0.0f;
-      for (int64_t u = 0; u < B; ++u) {
-        const float gu = acc[blk * B + u];
-        sq = __fadd_rn(sq, __fmul_rn(gu, gu));
+
+    // 3. Optimizer. L2 weight decay first (into acc, so row-wise Adagrad sees the decayed g).
+    if (a.optimizer != 4 && a.weight_decay != 0.0f) {
+      for (int64_t t = lane; t < K; t += 32) {
+        const float p = load_f<T>(vals + static_cast<int64_t>(act_slot[t / B]) * B + t % B);
+        acc[t] = __fadd_rn(acc[t], __fmul_rn(a.weight_decay, p));
       }
-      rowmean[blk] = __fdiv_rn(sq, static_cast<float>(B));
-      rows1[blk] = a.state1[act_slot[blk]];
+      __syncwarp();
     }
-    __syncwarp();
-  }
-  // Two passes when non-finite updates must be skipped: flag the blocks, then write the others.
-  for (int pass = a.nan_check ? 0 : 1; pass < 2; ++pass) {
-    for (int64_t t = lane; t < K; t += 32) {
-      const int64_t blk = t / B, k = t % B;
-      const int64_t slot = act_slot[blk];
-      const float g = acc[t];
-      const float p = load_f<T>(vals + slot * B + k);
-      float rm = 0.0f, s1 = 0.0f, s2 = 0.0f;
-      if (a.optimizer == 2) {
-        rm = rowmean[blk];
-        s1 = rows1[blk];
-      } else if (a.optimizer != 0) {
-        s1 = a.state1[slot * B + k];
-        if (a.optimizer >= 3) s2 = a.state2[slot * B + k];
+    // Row-wise Adagrad reads every column of a block and writes one state per block: snapshot
+    // both per block first, so a lane's write can never race with another lane's read.
+    if (a.optimizer == 2) {
+      for (int64_t blk = lane; blk < nact; blk += 32) {
+        float sq = 0.0f;
+        for (int64_t u = 0; u < B; ++u) {
+          const float gu = acc[blk * B + u];
+          sq = __fadd_rn(sq, __fmul_rn(gu, gu));
+        }
+        rowmean[blk] = __fdiv_rn(sq, static_cast<float>(B));
+        rows1[blk] = a.state1[act_slot[blk]];
       }
-      float np = p, n1 = s1, n2 = s2;
-      update_elem(a, g, p, s1, s2, rm, np, n1, n2);
-      const T out = from_f<T>(np);
-      if (pass == 0) {
-        const bool ok = finite(load_f<T>(&out)) && finite(n1) && finite(n2);
-        if (!ok) atomicOr(&bad[blk], 1);
-        continue;
-      }
-      if (a.nan_check && bad[blk]) {
-        if (k == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.skipped), 1ull);
-        continue;
-      }
-      vals[slot * B + k] = out;
-      if (a.optimizer == 2) {
-        if (k == 0) a.state1[slot] = n1;
-      } else if (a.optimizer != 0) {
-        a.state1[slot * B + k] = n1;
-        if (a.optimizer >= 3) a.state2[slot * B + k] = n2;
-      }
+      __syncwarp();
     }
-    __syncwarp();
+    // Two passes when non-finite updates must be skipped: flag the blocks, then write the others.
+    for (int pass = a.nan_check ? 0 : 1; pass < 2; ++pass) {
+      for (int64_t t = lane; t < K; t += 32) {
+        const int64_t blk = t / B, k = t % B;
+        const int64_t slot = act_slot[blk];
+        const float g = acc[t];
+        const float p = load_f<T>(vals + slot * B + k);
+        float rm = 0.0f, s1 = 0.0f, s2 = 0.0f;
+        if (a.optimizer == 2) {
+          rm = rowmean[blk];
+          s1 = rows1[blk];
+        } else if (a.optimizer != 0) {
+          s1 = a.state1[slot * B + k];
+          if (a.optimizer >= 3) s2 = a.state2[slot * B + k];
+        }
+        float np = p, n1 = s1, n2 = s2;
+        update_elem(a, g, p, s1, s2, rm, np, n1, n2);
+        const T out = from_f<T>(np);
+        if (pass == 0) {
+          const bool ok = finite(load_f<T>(&out)) && finite(n1) && finite(n2);
+          if (!ok) atomicOr(&bad[blk], 1);
+          continue;
+        }
+        if (a.nan_check && bad[blk]) {
+          if (k == 0) atomicAdd(reinterpret_cast<unsigned long long*>(a.skipped), 1ull);
+          continue;
+        }
+        vals[slot * B + k] = out;
+        if (a.optimizer == 2) {
+          if (k == 0) a.state1[slot] = n1;
+        } else if (a.optimizer != 0) {
+          a.state1[slot * B + k] = n1;
+          if (a.optimizer >= 3) a.state2[slot * B + k] = n2;
+        }
+      }
+      __syncwarp();
+    }
   }
 }
 
@@ -275,13 +310,12 @@ cudaError_t launch_typed(const FusedArgs& a, cudaStream_t stream) {
         update_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  if (a.num_light > 0) {
-    const dim3 grid(static_cast<unsigned>((a.num_light + kWarps - 1) / kWarps));
-    update_kernel<T><<<grid, block, smem, stream>>>(a, false);
-  }
-  if (a.num_heavy > 0) {
-    const dim3 grid(static_cast<unsigned>((a.num_heavy + kWarps - 1) / kWarps));
-    update_kernel<T><<<grid, block, smem, stream>>>(a, true);
+  if (a.num_runs > 0) {
+    int64_t blocks = (a.num_runs + kWarps - 1) / kWarps;
+    const int64_t most = (a.grid_warps + kWarps - 1) / kWarps;
+    if (blocks > most) blocks = most;
+    update_kernel<T><<<dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks)), block, smem,
+                       stream>>>(a);
   }
   return cudaGetLastError();
 }

@@ -2,18 +2,21 @@
 //
 // The schema is defined with the CPU kernel (csrc/cpu/fused_update.cpp, built into
 // dsl_kernels._C, which the CUDA extension's loader imports first). This file checks the
-// arguments, splits the Zipf-hot rows off into chunks (the device-side mirror of
-// dsl_kernels/backends/touched_rows.py::split_heavy_runs) and calls the raw-pointer launcher.
+// arguments, sizes the hot-row scratch by the batch (see fused_update.cu; the plan comes from
+// fused_plan.cu) and calls the raw-pointer launcher. Nothing is read back to the host: the
+// plan may be padded (empty runs of row -1) and the hot-row split happens on the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
 #include "fused_update.cuh"
 
 namespace {
-
-constexpr int64_t kChunk = 256;  // entries per partial sum of a hot row
 
 void check_t(const at::Tensor& t, const char* name, at::ScalarType dt, const c10::Device& dev) {
   TORCH_CHECK(t.scalar_type() == dt, "fused_update_rows: ", name, " must be ", dt, ", got ",
@@ -21,6 +24,20 @@ void check_t(const at::Tensor& t, const char* name, at::ScalarType dt, const c10
   TORCH_CHECK(t.is_contiguous(), "fused_update_rows: ", name, " must be contiguous");
   TORCH_CHECK(t.device() == dev, "fused_update_rows: ", name, " is on ", t.device(),
               " but values are on ", dev);
+}
+
+// Warps the device can hold at once (multiprocessors x resident threads / 32): the update
+// kernel's grid. Read once per device (cudaDeviceGetAttribute does not synchronise).
+int resident_warps(c10::DeviceIndex dev) {
+  static int cache[64] = {0};
+  const int i = dev < 0 ? 0 : (dev < 64 ? dev : 63);
+  if (cache[i] == 0) {
+    int sms = 0, threads = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
+    cache[i] = std::max(1, sms) * std::max(32, threads) / 32;
+  }
+  return cache[i];
 }
 
 at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values,
@@ -76,28 +93,12 @@ at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values
   auto skipped = at::zeros({1}, values.options().dtype(at::kLong));
   const int64_t R = run_rows.numel();
   if (R == 0) return skipped;
-
-  // Light runs (<= kChunk entries): one warp each. Heavy runs: chunks of kChunk entries summed
-  // by their own warps first, in entry order.
-  auto counts = run_start.slice(0, 1) - run_start.slice(0, 0, R);
-  auto is_heavy = counts > kChunk;
-  auto light = at::nonzero(is_heavy.logical_not()).squeeze(1).contiguous();
-  auto heavy = at::nonzero(is_heavy).squeeze(1).contiguous();
-  const int64_t H = heavy.numel();
-  at::Tensor chunk_lo, chunk_hi, chunk_ptr, partial;
-  int64_t total = 0;
-  if (H > 0) {
-    auto nch = at::div(counts.index_select(0, heavy) + (kChunk - 1), kChunk, "floor");
-    chunk_ptr = at::zeros({H + 1}, run_start.options());
-    chunk_ptr.slice(0, 1).copy_(at::cumsum(nch, 0));
-    total = chunk_ptr[H].item<int64_t>();
-    auto owner = at::repeat_interleave(at::arange(H, run_start.options()), nch, 0, total);
-    auto k = at::arange(total, run_start.options()) - chunk_ptr.index_select(0, owner);
-    auto run = heavy.index_select(0, owner);
-    chunk_lo = (run_start.index_select(0, run) + k * kChunk).contiguous();
-    chunk_hi = at::minimum(chunk_lo + kChunk, run_start.index_select(0, run + 1)).contiguous();
-    partial = at::empty({total, D}, values.options().dtype(at::kFloat));
-  }
+  // Hot rows: aligned chunks of the sorted entries (see fused_update.cu); the scratch is
+  // sized by the batch, so nothing is read back to size it.
+  const int64_t E = perm.numel();
+  const int64_t num_chunks = (E + dsl_fused_cuda::kChunk - 1) / dsl_fused_cuda::kChunk;
+  at::Tensor partial = num_chunks > 0 ? at::empty({num_chunks, D}, values.options().dtype(at::kFloat))
+                                      : at::Tensor();
 
   dsl_fused_cuda::FusedArgs a{};
   a.values = values.data_ptr();
@@ -114,15 +115,10 @@ at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values
   a.bag = bag.data_ptr<int64_t>();
   a.scale = mode == 2 ? nullptr : scale.data_ptr<float>();
   a.max_idx = mode == 2 ? max_idx.data_ptr<int64_t>() : nullptr;
-  a.light = light.data_ptr<int64_t>();
-  a.num_light = light.numel();
-  a.heavy = H ? heavy.data_ptr<int64_t>() : nullptr;
-  a.num_heavy = H;
-  a.chunk_lo = H ? chunk_lo.data_ptr<int64_t>() : nullptr;
-  a.chunk_hi = H ? chunk_hi.data_ptr<int64_t>() : nullptr;
-  a.chunk_ptr = H ? chunk_ptr.data_ptr<int64_t>() : nullptr;
-  a.num_chunks = total;
-  a.partial = H ? partial.data_ptr<float>() : nullptr;
+  a.num_runs = R;
+  a.num_chunks = num_chunks;
+  a.partial = num_chunks > 0 ? partial.data_ptr<float>() : nullptr;
+  a.grid_warps = resident_warps(dev.index());
   a.skipped = skipped.data_ptr<int64_t>();
   a.C = C;
   a.B = B;
@@ -152,6 +148,77 @@ at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values
   return skipped;
 }
 
+// The touched-rows plan on the device, padded to the batch size so that nothing is read back
+// (see fused_plan.cu): (perm [L], run_start [L + 1], run_rows [L], bag [L], scale [L or 0]).
+// Runs past the R real ones are empty and name row -1. Entries of rows outside [0, num_rows)
+// are dropped, not reported: the lookup's validation (bounds-check mode) reports them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_plan_cuda(
+    const at::Tensor& indices, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& per_sample_weights, int64_t mode, int64_t padding_idx,
+    int64_t num_rows) {
+  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && offsets.numel() >= 1,
+              "fused_plan: indices must be 1-D and offsets 1-D with num_bags + 1 entries");
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "fused_plan: indices must be int32 or int64");
+  TORCH_CHECK(indices.is_cuda() && offsets.device() == indices.device(),
+              "fused_plan: indices and offsets must be on the same CUDA device");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "fused_plan: mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK(num_rows >= 0, "fused_plan: num_rows must be >= 0, got ", num_rows);
+  c10::cuda::CUDAGuard guard(indices.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor off = offsets.to(indices.scalar_type()).contiguous();
+  const int64_t L = idx.numel(), num_bags = off.numel() - 1;
+  const auto lopt = idx.options().dtype(at::kLong);
+  const bool is_max = mode == 2;
+  at::Tensor psw;
+  if (per_sample_weights.has_value() && !is_max) {
+    psw = per_sample_weights->reshape({-1}).to(at::kFloat).contiguous();
+    TORCH_CHECK(psw.numel() >= L, "fused_plan: per_sample_weights needs one weight per index");
+  }
+  // 32-bit sort keys when the rows allow: half the radix passes of a 64-bit sort.
+  const bool key64 = num_rows >= std::numeric_limits<int32_t>::max();
+  const at::ScalarType kdt = key64 ? at::kLong : at::kInt;
+  at::Tensor bag = at::full({L}, num_bags, lopt);
+  at::Tensor key = at::full({L}, key64 ? std::numeric_limits<int64_t>::max()
+                                       : int64_t(std::numeric_limits<int32_t>::max()),
+                            idx.options().dtype(kdt));
+  at::Tensor scale = at::zeros({is_max ? 0 : L}, idx.options().dtype(at::kFloat));
+  dsl_fused_cuda::PlanArgs p{};
+  p.indices = idx.data_ptr();
+  p.offsets = off.data_ptr();
+  p.index64 = idx.scalar_type() == at::kLong;
+  p.L = L;
+  p.num_bags = num_bags;
+  p.psw = psw.defined() ? psw.data_ptr<float>() : nullptr;
+  p.mode = static_cast<int>(mode);
+  p.padding_idx = padding_idx;
+  p.num_rows = num_rows;
+  p.bag = bag.data_ptr<int64_t>();
+  p.key = key.data_ptr();
+  p.key64 = key64;
+  p.scale = is_max ? nullptr : scale.data_ptr<float>();
+  auto check = [](cudaError_t e) {
+    TORCH_CHECK(e == cudaSuccess, "fused_plan: CUDA launch failed: ", cudaGetErrorString(e));
+  };
+  check(dsl_fused_cuda::plan_entries(p, stream));
+  auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor skey = std::get<0>(sorted), perm = std::get<1>(sorted);
+  at::Tensor head = at::empty({L}, lopt);
+  check(dsl_fused_cuda::plan_heads(skey.data_ptr(), key64, L, head.data_ptr<int64_t>(), stream));
+  const at::Tensor run_id = L > 0 ? at::cumsum(head, 0) : head;
+  at::Tensor run_start = at::empty({L + 1}, lopt);
+  at::Tensor run_rows = at::empty({L}, lopt);
+  at::Tensor meta = at::zeros({2}, lopt);
+  check(dsl_fused_cuda::plan_runs(skey.data_ptr(), key64, run_id.data_ptr<int64_t>(), L,
+                                  run_start.data_ptr<int64_t>(), run_rows.data_ptr<int64_t>(),
+                                  meta.data_ptr<int64_t>(), stream));
+  return {perm, run_start, run_rows, bag, scale};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsl_C, CUDA, m) { m.impl("fused_update_rows", &fused_update_rows_cuda); }
+TORCH_LIBRARY_IMPL(dsl_C, CUDA, m) {
+  m.impl("fused_update_rows", &fused_update_rows_cuda);
+  m.impl("fused_plan", &fused_plan_cuda);
+}

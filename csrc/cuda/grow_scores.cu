@@ -21,7 +21,7 @@ __global__ void grow_kernel(const G* __restrict__ grad_out, PoolIndex P, int mod
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t u = t / NB, j = t - u * NB;
     const int64_t r = uniq[u];
-    if (block_active(P, r, j)) continue;
+    if (!row_ok(P, r) || block_active(P, r, j)) continue;  // unchecked input: skip the row
     float sq = 0.0f;
     for (int64_t c = 0; c < B; ++c) {
       const int64_t d = j * B + c;

@@ -14,15 +14,16 @@ namespace {
 template <typename T, typename I, int VEC>
 __global__ void lookup_kernel(const T* __restrict__ values, PoolIndex P,
                               const I* __restrict__ idx, const I* __restrict__ off,
-                              int64_t num_bags, const float* __restrict__ psw, int mode,
-                              int64_t pad, T* __restrict__ out, int64_t* __restrict__ max_idx,
-                              int G) {
+                              int64_t num_bags, int64_t num_indices,
+                              const float* __restrict__ psw, int mode, int64_t pad,
+                              T* __restrict__ out, int64_t* __restrict__ max_idx, int G) {
   const int64_t B = P.block_size, D = P.num_blocks * B, chunks = D / VEC;
   const int lane = threadIdx.x % G;
   const int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   const int64_t ngroups = (int64_t(gridDim.x) * blockDim.x) / G;
   for (int64_t b = group; b < num_bags; b += ngroups) {
-    const int64_t lo = off[b], hi = off[b + 1];
+    int64_t lo, hi;
+    bag_range(off, b, num_indices, lo, hi);
     float cnt = 1.0f;
     if (mode == kModeMean) {
       int64_t n = 0;
@@ -41,7 +42,8 @@ __global__ void lookup_kernel(const T* __restrict__ values, PoolIndex P,
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t r = idx[i];
         if (r == pad) continue;
-        const int64_t s = slot_of(P, r, j);
+        // A row outside the table (unchecked input) reads as an all-inactive row.
+        const int64_t s = row_ok(P, r) ? slot_of(P, r, j) : -1;
         float v[VEC];
         if (mode != kModeMax) {
           if (s < 0) continue;
@@ -85,7 +87,7 @@ cudaError_t launch(const void* values, const PoolIndex& P, const Bags& A, void* 
   const unsigned grid = grid_for(A.num_bags, kThreads / G);
   lookup_kernel<T, I, VEC><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(values), P, static_cast<const I*>(A.indices),
-      static_cast<const I*>(A.offsets), A.num_bags, A.psw, A.mode, A.padding_idx,
+      static_cast<const I*>(A.offsets), A.num_bags, A.num_indices, A.psw, A.mode, A.padding_idx,
       static_cast<T*>(out), max_idx, G);
   return cudaGetLastError();
 }

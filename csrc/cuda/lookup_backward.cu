@@ -17,8 +17,9 @@ namespace {
 template <typename G, typename I, int VEC>
 __global__ void backward_atomic_kernel(const G* __restrict__ grad_out, PoolIndex P,
                                        const I* __restrict__ idx, const I* __restrict__ off,
-                                       int64_t num_bags, const float* __restrict__ psw, int mode,
-                                       int64_t pad, const int64_t* __restrict__ max_idx,
+                                       int64_t num_bags, int64_t num_indices,
+                                       const float* __restrict__ psw, int mode, int64_t pad,
+                                       const int64_t* __restrict__ max_idx,
                                        const bool* __restrict__ frozen, float* __restrict__ grad,
                                        int GS) {
   const int64_t B = P.block_size, D = P.num_blocks * B, chunks = D / VEC;
@@ -26,7 +27,8 @@ __global__ void backward_atomic_kernel(const G* __restrict__ grad_out, PoolIndex
   const int64_t group = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / GS;
   const int64_t ngroups = (int64_t(gridDim.x) * blockDim.x) / GS;
   for (int64_t b = group; b < num_bags; b += ngroups) {
-    const int64_t lo = off[b], hi = off[b + 1];
+    int64_t lo, hi;
+    bag_range(off, b, num_indices, lo, hi);
     if (mode == kModeMax) {
       // Only the winner of each column gets its gradient: walk the columns, not the entries.
       for (int64_t c = lane; c < chunks; c += GS) {
@@ -34,8 +36,10 @@ __global__ void backward_atomic_kernel(const G* __restrict__ grad_out, PoolIndex
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const int64_t e = max_idx[b * D + d0 + k];
-          if (e < 0) continue;
-          const int64_t s = slot_of(P, static_cast<int64_t>(idx[e]), j);
+          if (e < lo || e >= hi) continue;  // -1 (empty bag), or unchecked input
+          const int64_t r = idx[e];
+          if (!row_ok(P, r)) continue;
+          const int64_t s = slot_of(P, r, j);
           if (s < 0 || (frozen != nullptr && frozen[s])) continue;
           atomicAdd(grad + s * B + cb + k, to_float(grad_out[b * D + d0 + k]));
         }
@@ -54,7 +58,7 @@ __global__ void backward_atomic_kernel(const G* __restrict__ grad_out, PoolIndex
       load_vec<G, VEC>(grad_out + b * D + d0, g);
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t r = idx[i];
-        if (r == pad) continue;
+        if (r == pad || !row_ok(P, r)) continue;
         const int64_t s = slot_of(P, r, j);
         if (s < 0 || (frozen != nullptr && frozen[s])) continue;
         float sc = 1.0f;
@@ -70,12 +74,13 @@ __global__ void backward_atomic_kernel(const G* __restrict__ grad_out, PoolIndex
 // Bag of every entry and its scale: keep * psw, divided by the bag's count in mean mode.
 template <typename I>
 __global__ void entry_info_kernel(const I* __restrict__ idx, const I* __restrict__ off,
-                                  int64_t num_bags, const float* __restrict__ psw, int mode,
-                                  int64_t pad, int64_t* __restrict__ bag_of,
-                                  float* __restrict__ scale) {
+                                  int64_t num_bags, int64_t num_indices,
+                                  const float* __restrict__ psw, int mode, int64_t pad,
+                                  int64_t* __restrict__ bag_of, float* __restrict__ scale) {
   for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < num_bags;
        b += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t lo = off[b], hi = off[b + 1];
+    int64_t lo, hi;
+    bag_range(off, b, num_indices, lo, hi);
     int64_t n = 0;
     for (int64_t i = lo; i < hi; ++i) n += (static_cast<int64_t>(idx[i]) != pad);
     const float cnt = static_cast<float>(n > 0 ? n : 1);
@@ -153,12 +158,12 @@ cudaError_t lookup_backward_atomic(const void* grad_out, DType dtype, const Pool
       const I* of = static_cast<const I*>(bags.offsets);
       if (vec)
         backward_atomic_kernel<G, I, kVec><<<grid, kThreads, 0, stream>>>(
-            g, pool, ix, of, bags.num_bags, bags.psw, bags.mode, bags.padding_idx, max_idx,
-            frozen, grad, GS);
+            g, pool, ix, of, bags.num_bags, bags.num_indices, bags.psw, bags.mode,
+            bags.padding_idx, max_idx, frozen, grad, GS);
       else
         backward_atomic_kernel<G, I, 1><<<grid, kThreads, 0, stream>>>(
-            g, pool, ix, of, bags.num_bags, bags.psw, bags.mode, bags.padding_idx, max_idx,
-            frozen, grad, GS);
+            g, pool, ix, of, bags.num_bags, bags.num_indices, bags.psw, bags.mode,
+            bags.padding_idx, max_idx, frozen, grad, GS);
       err = cudaGetLastError();
     })
   })
@@ -171,7 +176,7 @@ cudaError_t entry_info(const Bags& bags, int64_t* bag_of, float* scale, cudaStre
   DSL_CUDA_DISPATCH_INDEX(bags.index64, I, {
     entry_info_kernel<I><<<grid, kThreads, 0, stream>>>(
         static_cast<const I*>(bags.indices), static_cast<const I*>(bags.offsets), bags.num_bags,
-        bags.psw, bags.mode, bags.padding_idx, bag_of, scale);
+        bags.num_indices, bags.psw, bags.mode, bags.padding_idx, bag_of, scale);
   })
   return cudaGetLastError();
 }

@@ -1,5 +1,6 @@
 """``dsl::fused_update`` on CPU (and the C++ side shared with CUDA): the touched-rows plan, by
-the C++ counting sort ``dsl_C::fused_plan`` on CPU, then ``dsl_C::fused_update_rows``
+``dsl_C::fused_plan`` (a counting sort on CPU, a padded device-side plan on CUDA), then
+``dsl_C::fused_update_rows``
 (csrc/cpu/fused_update.cpp, csrc/cuda/fused_update*.c*)."""
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def fused_update(grad_out: Tensor, values: Tensor, row_ptr: Tensor, row_slots: T
                  state1: Tensor, state2: Tensor, num_blocks: int, mode: int, padding_idx: int,
                  optimizer: int, lr: float, beta1: float, beta2: float, eps: float,
                  weight_decay: float, step: int, nan_policy: int) -> Tensor:
-    if values.device.type == "cpu" and has_compiled_op("dsl_C::fused_plan", "CPU"):
+    # The compiled plan: a counting sort on CPU; on CUDA a padded plan built with no host sync
+    # (csrc/cuda/fused_plan.cu). The torch version needs read-backs on a GPU.
+    if has_compiled_op("dsl_C::fused_plan", values.device.type.upper()):
         perm, run_start, run_rows, bag, scale = torch.ops.dsl_C.fused_plan(
             indices, offsets, per_sample_weights, mode, padding_idx, row_mask.shape[0])
     else:
