@@ -180,6 +180,33 @@ def run_steps(cfg: Config, iters: int, with_sparse: bool) -> List[Dict]:
     return rows
 
 
+def profile_step(cfg: Config, backend: str = "cuda", optimizer: str = "adam",
+                 steps: int = 5) -> str:
+    """Kernel time of the fused dsl step (bounds off), torch profiler, top 20 by GPU time."""
+    data = batches(cfg, 4)
+    emb = SparseEmbeddingBag(cfg.N, cfg.D, mode="sum", density=cfg.density, block_size=cfg.B,
+                             device="cuda", backend=backend, validate=False)
+    fuse_optimizer(emb, optimizer, lr=LR)
+    step = step_fn(emb, None)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with dsl_kernels.bounds_check_mode("off"):
+        for i in range(3):
+            step(*data[i % 4])
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(steps):
+                step(*data[i % 4])
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    for key in ("device_time_total", "cuda_time_total"):
+        try:
+            return (f"{steps} steps of dsl fused {optimizer} ({backend}, bounds off):\n"
+                    + ka.table(sort_by=key, row_limit=20, max_name_column_width=60))
+        except Exception:  # the sort key's name differs between torch versions
+            continue
+    return ka.table(row_limit=20)
+
+
 def goals(rows: List[Dict], fwd_rows: List[Dict]) -> List[str]:
     out = []
     by = {r["variant"]: r for r in rows if "gpu_ms" in r}
@@ -231,6 +258,11 @@ def main(argv=None) -> int:
         print(markdown_table(fwd_rows, ["op", "B", "backend", "ms", "GB/s", "%copy",
                                         "x dense", "x fbgemm", "note"]), flush=True)
     rows = run_steps(cfg, args.iters, with_sparse=True)
+    try:
+        prof = profile_step(cfg)
+    except Exception as e:  # the profiler must not cost the tables
+        prof = f"profiler failed: {type(e).__name__}: {e}"
+    print(prof, flush=True)
     g = goals(rows, fwd_rows)
     text = "\n".join([
         "## CUDA training step: dsl vs dense + Adam (forward + backward + optimizer)", "",
@@ -247,7 +279,8 @@ def main(argv=None) -> int:
         markdown_table(rows, ["variant", "gpu_ms", "wall_ms", "syncs", "peak_GB",
                               "mem_vs_dense", "note"]), "",
         "`mem_vs_dense`: dsl values + fused optimizer state / dense values + Adam state.", "",
-        "### Goals (issue 14)", "", *g, ""])
+        "### Goals (issue 14)", "", *g, "",
+        "### Profile of the fused step", "", "```", prof, "```", ""])
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cuda_step_{device_tag('cuda')}{'_quick' if args.quick else ''}.md")
     with open(path, "w") as f:

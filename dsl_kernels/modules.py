@@ -312,8 +312,9 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
                                  f"{int(limit[i])} rows")
             if weights is not None and not weights.is_floating_point():
                 raise TypeError(f"weights must be floating point, got {weights.dtype}")
-        rows = values.long() + torch.tensor([t.row_start for t in tables], dtype=torch.int64,
-                                            device=dev)[key_of]
+        starts = self._constant(("row_start", tuple(keys)), [t.row_start for t in tables],
+                                torch.int64, dev)
+        rows = values.long() + starts[key_of]
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=dev)
         torch.cumsum(lengths, 0, out=offsets[1:])
         groups: Dict[Tuple[int, str], List[int]] = {}
@@ -327,8 +328,8 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
                 # Entries of the other groups' keys become padding: a row of one of their
                 # tables, which this group's entries never name.
                 pad = tables[next(i for i in range(len(keys)) if i not in members)].row_start
-                mine = torch.zeros(len(keys), dtype=torch.bool, device=dev)
-                mine[members] = True
+                mine = self._constant(("members", tuple(keys), tuple(members)),
+                                      [i in members for i in range(len(keys))], torch.bool, dev)
                 grows = torch.where(mine[key_of], rows, torch.full_like(rows, pad))
             out = self._lookup(grows, offsets, weights, nb, mode, pad)
             pieces = out.split(batch) if batch else [out] * len(keys)
@@ -337,6 +338,17 @@ class SparseEmbeddingBagCollection(BlockSparseBase):
         if self.output == "concat":
             return torch.cat([outs[t.name] for t in self.tables if t.name in outs], dim=1)
         return outs
+
+    def _constant(self, key, data, dtype: torch.dtype, dev: torch.device) -> Tensor:
+        """A small constant tensor on ``dev``, built once per key: ``torch.tensor(data,
+        device="cuda")`` on every call would be a host-to-device copy, which synchronises and
+        cannot be captured in a CUDA graph."""
+        cache = self.__dict__.setdefault("_constants", {})
+        k = (key, dtype, str(dev))
+        t = cache.get(k)
+        if t is None:
+            t = cache[k] = torch.tensor(data, dtype=dtype, device=dev)
+        return t
 
     def _as_triplet(self, name, v):
         if isinstance(v, Tensor):

@@ -91,8 +91,9 @@ def normalize_bags(input: Tensor, offsets: Optional[Tensor], per_sample_weights:
                 raise ValueError("offsets must have at least one entry with include_last_offset=True")
         else:
             # No offsets means no bags (torch then ignores input): the CSR end is 0, not len(input).
-            end = torch.tensor([indices.numel() if offsets.numel() else 0], dtype=offsets.dtype,
-                               device=offsets.device)
+            # new_full fills on the device: a torch.tensor([...], device=cuda) would be a
+            # host-to-device copy, which synchronises (and cannot be captured in a CUDA graph).
+            end = offsets.new_full((1,), indices.numel() if offsets.numel() else 0)
             offsets = torch.cat([offsets, end])
         if validate and offsets.numel():
             if int(offsets[0]) != 0:

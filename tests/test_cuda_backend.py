@@ -26,7 +26,7 @@ if HAS_GPU:
         BE = types.SimpleNamespace(**get("cuda"))
 
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
-needs_ext = pytest.mark.skipif(BE is None, reason=WHY)
+needs_ext = pytest.mark.skipif(BE is None, reason=WHY or "the CUDA extension loads")
 DEV = "cuda"
 
 

@@ -201,3 +201,33 @@ def test_whole_fused_step_captures_in_a_cuda_graph(optimizer):
     assert torch.equal(graphed.values, eager.values)
     if optimizer == "rowwise_adagrad":
         assert torch.equal(graphed.fused_state1, eager.fused_state1)
+
+
+@needs_ext
+def test_collection_jagged_fused_step_reads_nothing_back():
+    """Two table groups (block counts differ), jagged input: no sync after the first call
+    (which builds the collection's small constant tensors once)."""
+    torch.manual_seed(0)
+    ebc = dsl_kernels.SparseEmbeddingBagCollection(
+        [dsl_kernels.TableConfig("a", 500, 16), dsl_kernels.TableConfig("b", 300, 32),
+         dsl_kernels.TableConfig("c", 200, 16)],
+        density=0.5, block_size=8, device="cuda", backend="cuda", validate=False)
+    fuse_optimizer(ebc, "rowwise_adagrad", lr=0.1)
+    keys, batch = ["a", "b", "c"], 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.randint(0, 5, (3 * batch,), device="cuda", generator=g)
+    values = torch.randint(0, 200, (int(lengths.sum()),), device="cuda", generator=g)
+
+    def step():
+        out = ebc.forward_jagged(keys, values, lengths)
+        sum(o.pow(2).sum() for o in out.values()).backward()
+
+    with dsl_kernels.bounds_check_mode("device"):
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        dsl_kernels.check_bounds()
