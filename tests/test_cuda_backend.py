@@ -133,21 +133,25 @@ def test_rebuild_index(NB):
 
 @needs_ext
 def test_opcheck_on_cuda():
+    """The dsl:: ops (schema, fake, autograd) with the CUDA kernels behind them (the dsl_C::
+    kernels are internal: their fake implementations are the dsl:: ops')."""
+    from dsl_kernels import ops
+
     values, coord, index, idx, off, w = case(9, N=30, num_bags=6, psw=True)
     values, coord, idx, off, w = cu(values, coord, idx, off, w)
     rp, rs, rm = cu(*index)
     for mode in MODES:
         ww = w if mode == reference.MODE_SUM else None
-        torch.library.opcheck(torch.ops.dsl_C.lookup.default,
-                              (values, rp, rs, rm, idx, off, ww, 5, mode, -1))
+        torch.library.opcheck(ops.lookup, (values, rp, rs, rm, idx, off, ww, None, 5, mode, -1,
+                                           True, "cuda"))
         out, mi = BE.lookup(values, rp, rs, rm, idx, off, ww, 5, mode, -1)
         g = torch.randn(out.shape, device=DEV)
-        torch.library.opcheck(torch.ops.dsl_C.lookup_backward.default,
-                              (g, values, rp, rs, rm, idx, off, ww, mi, None, 5, mode, -1, True))
-        torch.library.opcheck(torch.ops.dsl_C.grow_scores.default,
-                              (g, rp, rs, rm, idx, off, ww, mi, 5, mode, -1),
+        torch.library.opcheck(ops.lookup_backward, (g, values, rp, rs, rm, idx, off, ww, mi,
+                                                    None, 5, mode, -1, True, "cuda"))
+        torch.library.opcheck(ops.grow_scores, (g, rp, rs, rm, idx, off, ww, mi, 5, mode, -1,
+                                                "cuda"),
                               test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.dsl_C.rebuild_index.default, (coord, 30, 5))
+    torch.library.opcheck(ops.rebuild_index, (coord, 30, 5, "cuda"))
 
 
 @needs_ext

@@ -6,8 +6,9 @@
 // output is sized by the number of indices L (known on the host), runs R..L-1 are empty
 // (run_start[r] = run_start[R] = the number of kept entries) and name row -1, which the update
 // kernel skips. Steps (the sort between 1 and 2 is torch's stable radix sort, in the binding):
-//   1. entries: per bag, the bag and scale of each of its entries and the sort key (the row,
-//      or kDrop for padding entries, rows outside the table and entries in no bag);
+//   1. entries: the bag and scale of each entry and the sort key (the row, or the drop key for
+//      padding entries, rows outside the table and entries in no bag): per bag in mean mode
+//      (the scale needs the bag's count), else per entry with a binary search for its bag;
 //   2. heads: 1 where a run of equal kept keys starts in the sorted keys (a prefix sum in the
 //      binding numbers the runs);
 //   3. runs: run_start / run_rows of each run, and {R, kept entries} into meta;
@@ -53,6 +54,37 @@ __global__ void entries_kernel(const I* __restrict__ idx, int64_t L, const I* __
       float s = static_cast<int64_t>(idx[i]) != pad ? 1.0f : 0.0f;
       if (psw != nullptr) s = __fmul_rn(s, psw[i]);
       if (mode == 1) s = __fdiv_rn(s, cnt);
+      scale[i] = s;
+    }
+  }
+}
+
+// The same for sum and max mode (no per-bag count needed): one thread per entry, which finds
+// its bag by binary search in the offsets (the last b with offsets[b] <= i), so the work is
+// spread over the whole device instead of one thread per bag.
+template <typename I, typename K>
+__global__ void entries_flat_kernel(const I* __restrict__ idx, int64_t L,
+                                    const I* __restrict__ off, int64_t num_bags,
+                                    const float* __restrict__ psw, int64_t pad, int64_t num_rows,
+                                    int64_t* __restrict__ bag, K* __restrict__ key,
+                                    float* __restrict__ scale, K drop) {
+  int64_t end = static_cast<int64_t>(off[num_bags]);
+  end = end < 0 ? 0 : (end > L ? L : end);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = num_bags;  // answer in [lo, hi): off[lo] <= i (when off[0] = 0)
+    while (hi - lo > 1) {
+      const int64_t m = (lo + hi) >> 1;
+      if (static_cast<int64_t>(off[m]) <= i) lo = m;
+      else hi = m;
+    }
+    if (static_cast<int64_t>(off[lo]) > i) continue;  // before the first bag (bad offsets[0])
+    const int64_t r = idx[i];
+    bag[i] = lo;
+    key[i] = (r != pad && r >= 0 && r < num_rows) ? static_cast<K>(r) : drop;
+    if (scale != nullptr) {
+      float s = r != pad ? 1.0f : 0.0f;
+      if (psw != nullptr) s = __fmul_rn(s, psw[i]);
       scale[i] = s;
     }
   }
@@ -109,12 +141,17 @@ K drop_key() {
 
 cudaError_t plan_entries(const PlanArgs& a, cudaStream_t stream) {
   if (a.num_bags == 0 || a.L == 0) return cudaSuccess;
-  const unsigned grid = plan_grid(a.num_bags);
 #define DSL_PLAN_ENTRIES(I, K)                                                                  \
-  entries_kernel<I, K><<<grid, kPlanThreads, 0, stream>>>(                                     \
-      static_cast<const I*>(a.indices), a.L, static_cast<const I*>(a.offsets), a.num_bags,     \
-      a.psw, a.mode, a.padding_idx, a.num_rows, a.bag, static_cast<K*>(a.key), a.scale,        \
-      drop_key<K>())
+  if (a.mode == 1)                                                                              \
+    entries_kernel<I, K><<<plan_grid(a.num_bags), kPlanThreads, 0, stream>>>(                  \
+        static_cast<const I*>(a.indices), a.L, static_cast<const I*>(a.offsets), a.num_bags,   \
+        a.psw, a.mode, a.padding_idx, a.num_rows, a.bag, static_cast<K*>(a.key), a.scale,      \
+        drop_key<K>());                                                                         \
+  else                                                                                          \
+    entries_flat_kernel<I, K><<<plan_grid(a.L), kPlanThreads, 0, stream>>>(                    \
+        static_cast<const I*>(a.indices), a.L, static_cast<const I*>(a.offsets), a.num_bags,   \
+        a.psw, a.padding_idx, a.num_rows, a.bag, static_cast<K*>(a.key), a.scale,              \
+        drop_key<K>())
   if (a.index64) {
     if (a.key64) DSL_PLAN_ENTRIES(int64_t, int64_t);
     else DSL_PLAN_ENTRIES(int64_t, int32_t);

@@ -86,26 +86,64 @@ __device__ __forceinline__ void update_elem(const FusedArgs& a, float g, float p
   }
 }
 
+// The entries of a run or chunk are walked 32 at a time: each lane loads one entry's
+// (position, bag, scale) -- independent loads, all in flight at once -- and the warp then takes
+// them in entry order from the lanes by shuffle, so the gradient loads of consecutive entries
+// do not wait on each other's index loads. The additions stay in entry order (same bits).
+struct Entry {
+  int64_t i, b;
+  float s;
+};
+
+__device__ __forceinline__ Entry load_entry(const FusedArgs& a, int64_t e) {
+  Entry x;
+  x.i = a.perm[e];
+  x.b = a.bag[x.i];
+  x.s = a.scale ? a.scale[x.i] : 1.0f;
+  return x;
+}
+
+__device__ __forceinline__ Entry shfl_entry(const Entry& x, int q) {
+  Entry y;
+  y.i = __shfl_sync(kFull, x.i, q);
+  y.b = __shfl_sync(kFull, x.b, q);
+  y.s = __shfl_sync(kFull, x.s, q);
+  return y;
+}
+
 // acc[t] (this lane's columns t = lane, lane + 32, ... of the K active columns) += the
-// gradient of sorted entries [e0, e1).
+// gradient of sorted entries [e0, e1). Warp-uniform arguments.
+// `first`, when `has_first`, is this lane's entry e0 + lane, loaded before (it is then in flight
+// while the row's blocks are resolved).
 template <typename T>
 __device__ __forceinline__ void sum_entries(const FusedArgs& a, int64_t e0, int64_t e1,
                                             float* acc, const int* act_j, int64_t K,
-                                            int lane) {
+                                            int lane, const Entry& first, bool has_first) {
   const T* go = static_cast<const T*>(a.grad_out);
   const int64_t D = a.D, B = a.B;
-  for (int64_t e = e0; e < e1; ++e) {
-    const int64_t i = a.perm[e];
-    const int64_t b = a.bag[i];
-    const float s = a.scale ? a.scale[i] : 1.0f;
-    for (int64_t t = lane; t < K; t += 32) {
-      const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
-      const float gv = load_f<T>(go + b * D + col);
-      if (a.max_idx) {
-        if (a.max_idx[b * D + col] == i) acc[t] = __fadd_rn(acc[t], gv);
-      } else {
-        acc[t] = __fadd_rn(acc[t], __fmul_rn(gv, s));
+  for (int64_t base = e0; base < e1; base += 32) {
+    const int n = static_cast<int>(e1 - base < 32 ? e1 - base : 32);
+    Entry mine{0, 0, 0.0f};
+    if (has_first && base == e0) mine = first;
+    else if (lane < n) mine = load_entry(a, base + lane);
+    for (int64_t t0 = 0; t0 < K; t0 += 32) {
+      const int64_t t = t0 + lane;
+      const bool on = t < K;
+      const int64_t col = on ? static_cast<int64_t>(act_j[t / B]) * B + t % B : 0;
+      float r = on ? acc[t] : 0.0f;
+#pragma unroll 4
+      for (int q = 0; q < n; ++q) {
+        const Entry x = shfl_entry(mine, q);
+        if (on) {
+          const float gv = load_f<T>(go + x.b * D + col);
+          if (a.max_idx) {
+            if (a.max_idx[x.b * D + col] == x.i) r = __fadd_rn(r, gv);
+          } else {
+            r = __fadd_rn(r, __fmul_rn(gv, x.s));
+          }
+        }
       }
+      if (on) acc[t] = r;
     }
   }
 }
@@ -114,6 +152,7 @@ __device__ __forceinline__ void sum_entries(const FusedArgs& a, int64_t e0, int6
 // summed (all D columns), the others belong to their runs' warps.
 template <typename T>
 __global__ void partial_kernel(FusedArgs a) {
+  static_assert(kChunk % 32 == 0, "chunks are walked 32 entries at a time");
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t R = a.num_runs;
@@ -131,28 +170,30 @@ __global__ void partial_kernel(FusedArgs a) {
   if (a.run_start[l + 1] < hi) return;  // the chunk spans two runs
   const T* go = static_cast<const T*>(a.grad_out);
   const int64_t D = a.D;
-  for (int64_t base = 0; base < D; base += 128) {
+  for (int64_t cbase = 0; cbase < D; cbase += 128) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t e = lo; e < hi; ++e) {
-      const int64_t i = a.perm[e];
-      const int64_t b = a.bag[i];
-      const float s = a.scale ? a.scale[i] : 1.0f;
+    for (int64_t base = lo; base < hi; base += 32) {
+      const Entry mine = load_entry(a, base + lane);
+#pragma unroll 4
+      for (int q = 0; q < 32; ++q) {
+        const Entry x = shfl_entry(mine, q);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t col = base + lane + 32 * u;
-        if (col < D) {
-          const float gv = load_f<T>(go + b * D + col);
-          if (a.max_idx) {
-            if (a.max_idx[b * D + col] == i) acc[u] = __fadd_rn(acc[u], gv);
-          } else {
-            acc[u] = __fadd_rn(acc[u], __fmul_rn(gv, s));
+        for (int u = 0; u < 4; ++u) {
+          const int64_t col = cbase + lane + 32 * u;
+          if (col < D) {
+            const float gv = load_f<T>(go + x.b * D + col);
+            if (a.max_idx) {
+              if (a.max_idx[x.b * D + col] == x.i) acc[u] = __fadd_rn(acc[u], gv);
+            } else {
+              acc[u] = __fadd_rn(acc[u], __fmul_rn(gv, x.s));
+            }
           }
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int64_t col = base + lane + 32 * u;
+      const int64_t col = cbase + lane + 32 * u;
       if (col < D) a.partial[c * D + col] = acc[u];
     }
   }
@@ -179,9 +220,15 @@ __global__ void update_kernel(FusedArgs a) {
        r += stride) {
     __syncwarp();  // the previous run's reads of the shared arrays are done
     const int64_t row = a.run_rows[r];
+    const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
     // Unvalidated input (validate=False, torch.compile) may name rows outside the table, and a
     // padded plan ends in runs of row -1: such a run updates nothing.
     if (row < 0 || row >= a.num_rows) continue;
+    const int64_t c0 = (e0 + kChunk - 1) / kChunk, c1 = e1 / kChunk;
+    // A run without chunks: its first 32 entries' indices load now, beside the row's index.
+    const bool prefetch = c1 <= c0;
+    Entry first{0, 0, 0.0f};
+    if (prefetch && e0 + lane < e1) first = load_entry(a, e0 + lane);
     const uint64_t* m = reinterpret_cast<const uint64_t*>(a.row_mask) + row * W;
     const int64_t pos0 = a.row_ptr[row];
 
@@ -220,18 +267,16 @@ __global__ void update_kernel(FusedArgs a) {
     // 2. Gradient of the active columns, in entry order: head entries, the partials of the
     //    aligned chunks inside the run (hot rows only), tail entries.
     for (int64_t t = lane; t < K; t += 32) acc[t] = 0.0f;
-    const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
-    const int64_t c0 = (e0 + kChunk - 1) / kChunk, c1 = e1 / kChunk;
-    if (c1 > c0) {
-      sum_entries<T>(a, e0, c0 * kChunk, acc, act_j, K, lane);
+    if (!prefetch) {
+      sum_entries<T>(a, e0, c0 * kChunk, acc, act_j, K, lane, first, false);
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t t = lane; t < K; t += 32) {
           const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
           acc[t] = __fadd_rn(acc[t], a.partial[c * D + col]);
         }
-      sum_entries<T>(a, c1 * kChunk, e1, acc, act_j, K, lane);
+      sum_entries<T>(a, c1 * kChunk, e1, acc, act_j, K, lane, first, false);
     } else {
-      sum_entries<T>(a, e0, e1, acc, act_j, K, lane);
+      sum_entries<T>(a, e0, e1, acc, act_j, K, lane, first, true);
     }
     __syncwarp();
 
@@ -311,8 +356,15 @@ cudaError_t launch_typed(const FusedArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   if (a.num_runs > 0) {
+    // As many blocks as the device holds at once (64 registers a thread: 32 warps per
+    // multiprocessor; forcing fewer registers spills), each warp striding over the runs.
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, update_kernel<T>, 32 * kWarps,
+                                                      static_cast<size_t>(smem)) != cudaSuccess ||
+        per_sm < 1)
+      per_sm = 1;
     int64_t blocks = (a.num_runs + kWarps - 1) / kWarps;
-    const int64_t most = (a.grid_warps + kWarps - 1) / kWarps;
+    const int64_t most = static_cast<int64_t>(per_sm) * (a.num_sms > 0 ? a.num_sms : 1);
     if (blocks > most) blocks = most;
     update_kernel<T><<<dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks)), block, smem,
                        stream>>>(a);

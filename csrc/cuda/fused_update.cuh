@@ -35,7 +35,7 @@ struct FusedArgs {
   // run's warp adds those partials (in order) between its head and tail entries.
   int64_t num_chunks;  // ceil(perm.numel() / kChunk)
   float* partial;      // [num_chunks, D] scratch (only chunks inside a run are written)
-  int grid_warps;      // warps of the update kernel's grid (a grid-stride loop over runs)
+  int num_sms;         // multiprocessors: the update kernel's grid is sized by the device
   int64_t* skipped;  // [1] non-finite updates skipped (atomic add)
   // Sizes and hyper-parameters.
   int64_t C, B, D, NB, W;

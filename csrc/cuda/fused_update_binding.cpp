@@ -26,16 +26,15 @@ void check_t(const at::Tensor& t, const char* name, at::ScalarType dt, const c10
               " but values are on ", dev);
 }
 
-// Warps the device can hold at once (multiprocessors x resident threads / 32): the update
-// kernel's grid. Read once per device (cudaDeviceGetAttribute does not synchronise).
-int resident_warps(c10::DeviceIndex dev) {
+// Multiprocessors of the device (the update kernel's grid). Read once per device
+// (cudaDeviceGetAttribute does not synchronise).
+int multiprocessors(c10::DeviceIndex dev) {
   static int cache[64] = {0};
   const int i = dev < 0 ? 0 : (dev < 64 ? dev : 63);
   if (cache[i] == 0) {
-    int sms = 0, threads = 0;
+    int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
-    cache[i] = std::max(1, sms) * std::max(32, threads) / 32;
+    cache[i] = std::max(1, sms);
   }
   return cache[i];
 }
@@ -118,7 +117,7 @@ at::Tensor fused_update_rows_cuda(const at::Tensor& grad_out, at::Tensor& values
   a.num_runs = R;
   a.num_chunks = num_chunks;
   a.partial = num_chunks > 0 ? partial.data_ptr<float>() : nullptr;
-  a.grid_warps = resident_warps(dev.index());
+  a.num_sms = multiprocessors(dev.index());
   a.skipped = skipped.data_ptr<int64_t>();
   a.C = C;
   a.B = B;
