@@ -1,9 +1,9 @@
 // CUDA fused backward + optimizer over the slot pool (dsl_C::fused_update_rows).
 //
 // Work list (the touched-rows plan: csrc/cuda/fused_plan.cu, or touched_rows.py): the batch's entries
-// grouped by row. One warp per unique row:
+// grouped by row. One group of G lanes per unique row (G = 8, 16 or 32, see group_width):
 //   1. finds the row's active, non-frozen blocks (one lane per block column: mask bit, rank by
-//      __popcll, slot) and compacts them into shared memory with a warp ballot;
+//      __popcll, slot) and compacts them into shared memory with a ballot of the group;
 //   2. sums the gradient of every active column over the row's entries in input order (each lane
 //      owns fixed columns, so the order of the additions is fixed: deterministic), reading only
 //      the active columns of grad_out;
@@ -28,10 +28,20 @@ namespace {
 constexpr int kWarps = 4;  // warps per thread block
 constexpr unsigned kFull = 0xffffffffu;
 
-// Per-warp shared memory: acc[D] floats, act_slot/act_j/bad [NB] ints, rowmean/rows1 [NB]
-// floats; rounded up to 16 bytes.
-__host__ __device__ __forceinline__ int64_t smem_per_warp(int64_t D, int64_t NB) {
+// Shared memory of one run's group of lanes: acc[D] floats, act_slot/act_j/bad [NB] ints,
+// rowmean/rows1 [NB] floats; rounded up to 16 bytes.
+__host__ __device__ __forceinline__ int64_t smem_per_group(int64_t D, int64_t NB) {
   return ((4 * D + 20 * NB) + 15) / 16 * 16;
+}
+
+// Lanes per run in the update kernel. At density 0.1 a row has about one active block, so a
+// run has B to 2B active columns: a whole warp per run would leave most lanes idle while the
+// run's chain of dependent loads (row -> mask -> slot -> values) is in flight; 8 or 16 lanes per
+// run keep 4 or 2 runs in flight per warp. Wide blocks or rows use the whole warp.
+__host__ __device__ __forceinline__ int group_width(int64_t B, int64_t D) {
+  if (B >= 32 || D > 256) return 32;
+  if (B >= 16 || D > 128) return 16;
+  return 8;
 }
 
 template <typename T>
@@ -103,37 +113,40 @@ __device__ __forceinline__ Entry load_entry(const FusedArgs& a, int64_t e) {
   return x;
 }
 
-__device__ __forceinline__ Entry shfl_entry(const Entry& x, int q) {
+// Entry x of lane q of the group (width G, lanes `mask`).
+template <int G = 32>
+__device__ __forceinline__ Entry shfl_entry(const Entry& x, int q, unsigned mask = kFull) {
   Entry y;
-  y.i = __shfl_sync(kFull, x.i, q);
-  y.b = __shfl_sync(kFull, x.b, q);
-  y.s = __shfl_sync(kFull, x.s, q);
+  y.i = __shfl_sync(mask, x.i, q, G);
+  y.b = __shfl_sync(mask, x.b, q, G);
+  y.s = __shfl_sync(mask, x.s, q, G);
   return y;
 }
 
-// acc[t] (this lane's columns t = lane, lane + 32, ... of the K active columns) += the
-// gradient of sorted entries [e0, e1). Warp-uniform arguments.
+// acc[t] (this lane's columns t = lane, lane + G, ... of the K active columns) += the
+// gradient of sorted entries [e0, e1); G lanes (`mask`) per run, arguments uniform over them.
 // `first`, when `has_first`, is this lane's entry e0 + lane, loaded before (it is then in flight
 // while the row's blocks are resolved).
-template <typename T>
+template <typename T, int G>
 __device__ __forceinline__ void sum_entries(const FusedArgs& a, int64_t e0, int64_t e1,
                                             float* acc, const int* act_j, int64_t K,
-                                            int lane, const Entry& first, bool has_first) {
+                                            int lane, unsigned mask, const Entry& first,
+                                            bool has_first) {
   const T* go = static_cast<const T*>(a.grad_out);
   const int64_t D = a.D, B = a.B;
-  for (int64_t base = e0; base < e1; base += 32) {
-    const int n = static_cast<int>(e1 - base < 32 ? e1 - base : 32);
+  for (int64_t base = e0; base < e1; base += G) {
+    const int n = static_cast<int>(e1 - base < G ? e1 - base : G);
     Entry mine{0, 0, 0.0f};
     if (has_first && base == e0) mine = first;
     else if (lane < n) mine = load_entry(a, base + lane);
-    for (int64_t t0 = 0; t0 < K; t0 += 32) {
+    for (int64_t t0 = 0; t0 < K; t0 += G) {
       const int64_t t = t0 + lane;
       const bool on = t < K;
       const int64_t col = on ? static_cast<int64_t>(act_j[t / B]) * B + t % B : 0;
       float r = on ? acc[t] : 0.0f;
 #pragma unroll 4
       for (int q = 0; q < n; ++q) {
-        const Entry x = shfl_entry(mine, q);
+        const Entry x = shfl_entry<G>(mine, q, mask);
         if (on) {
           const float gv = load_f<T>(go + x.b * D + col);
           if (a.max_idx) {
@@ -199,14 +212,19 @@ __global__ void partial_kernel(FusedArgs a) {
   }
 }
 
-// A grid-stride loop of warps over the runs (the grid is sized by the device, not by the
-// number of runs, so a padded plan costs no read-back).
-template <typename T>
+// A grid-stride loop of lane groups (G lanes each, several per warp) over the runs (the grid
+// is sized by the device, not by the number of runs, so a padded plan costs no read-back).
+// The groups of a warp take different runs, so they diverge; every warp-level primitive below
+// names its group's lanes only.
+template <typename T, int G>
 __global__ void update_kernel(FusedArgs a) {
+  constexpr int kGroups = 32 * kWarps / G;  // groups per block
   extern __shared__ unsigned char smem_raw[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int group = threadIdx.x / G, lane = threadIdx.x % G;
+  const int shift = (threadIdx.x & 31) / G * G;  // the group's first lane in its warp
+  const unsigned mask = G == 32 ? kFull : (((1u << G) - 1u) << shift);
   const int64_t D = a.D, NB = a.NB, B = a.B, W = a.W;
-  unsigned char* mine = smem_raw + warp * smem_per_warp(D, NB);
+  unsigned char* mine = smem_raw + group * smem_per_group(D, NB);
   float* acc = reinterpret_cast<float*>(mine);
   int* act_slot = reinterpret_cast<int*>(acc + D);
   int* act_j = act_slot + NB;
@@ -215,17 +233,17 @@ __global__ void update_kernel(FusedArgs a) {
   float* rows1 = rowmean + NB;                          // and its state before the update
   T* vals = static_cast<T*>(a.values);
 
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp; r < a.num_runs;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + group; r < a.num_runs;
        r += stride) {
-    __syncwarp();  // the previous run's reads of the shared arrays are done
+    __syncwarp(mask);  // the previous run's reads of the shared arrays are done
     const int64_t row = a.run_rows[r];
     const int64_t e0 = a.run_start[r], e1 = a.run_start[r + 1];
     // Unvalidated input (validate=False, torch.compile) may name rows outside the table, and a
     // padded plan ends in runs of row -1: such a run updates nothing.
     if (row < 0 || row >= a.num_rows) continue;
     const int64_t c0 = (e0 + kChunk - 1) / kChunk, c1 = e1 / kChunk;
-    // A run without chunks: its first 32 entries' indices load now, beside the row's index.
+    // A run without chunks: its first G entries' indices load now, beside the row's index.
     const bool prefetch = c1 <= c0;
     Entry first{0, 0, 0.0f};
     if (prefetch && e0 + lane < e1) first = load_entry(a, e0 + lane);
@@ -234,7 +252,7 @@ __global__ void update_kernel(FusedArgs a) {
 
     // 1. Active, non-frozen blocks of the row, compacted in column order.
     int nact = 0;
-    for (int64_t j0 = 0; j0 < NB; j0 += 32) {
+    for (int64_t j0 = 0; j0 < NB; j0 += G) {
       const int64_t j = j0 + lane;
       bool on = false;
       int64_t slot = -1;
@@ -251,7 +269,7 @@ __global__ void update_kernel(FusedArgs a) {
           else if (a.frozen && a.frozen[slot]) on = false;
         }
       }
-      const unsigned ballot = __ballot_sync(kFull, on);
+      const unsigned ballot = __ballot_sync(mask, on) >> shift;  // this group's lanes, from 0
       if (on) {
         const int k = nact + __popc(ballot & ((1u << lane) - 1u));
         act_slot[k] = static_cast<int>(slot);
@@ -260,38 +278,38 @@ __global__ void update_kernel(FusedArgs a) {
       }
       nact += __popc(ballot);
     }
-    __syncwarp();
+    __syncwarp(mask);
     if (nact == 0) continue;
     const int64_t K = static_cast<int64_t>(nact) * B;
 
     // 2. Gradient of the active columns, in entry order: head entries, the partials of the
     //    aligned chunks inside the run (hot rows only), tail entries.
-    for (int64_t t = lane; t < K; t += 32) acc[t] = 0.0f;
+    for (int64_t t = lane; t < K; t += G) acc[t] = 0.0f;
     if (!prefetch) {
-      sum_entries<T>(a, e0, c0 * kChunk, acc, act_j, K, lane, first, false);
+      sum_entries<T, G>(a, e0, c0 * kChunk, acc, act_j, K, lane, mask, first, false);
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t t = lane; t < K; t += 32) {
+        for (int64_t t = lane; t < K; t += G) {
           const int64_t col = static_cast<int64_t>(act_j[t / B]) * B + t % B;
           acc[t] = __fadd_rn(acc[t], a.partial[c * D + col]);
         }
-      sum_entries<T>(a, c1 * kChunk, e1, acc, act_j, K, lane, first, false);
+      sum_entries<T, G>(a, c1 * kChunk, e1, acc, act_j, K, lane, mask, first, false);
     } else {
-      sum_entries<T>(a, e0, e1, acc, act_j, K, lane, first, true);
+      sum_entries<T, G>(a, e0, e1, acc, act_j, K, lane, mask, first, true);
     }
-    __syncwarp();
+    __syncwarp(mask);
 
     // 3. Optimizer. L2 weight decay first (into acc, so row-wise Adagrad sees the decayed g).
     if (a.optimizer != 4 && a.weight_decay != 0.0f) {
-      for (int64_t t = lane; t < K; t += 32) {
+      for (int64_t t = lane; t < K; t += G) {
         const float p = load_f<T>(vals + static_cast<int64_t>(act_slot[t / B]) * B + t % B);
         acc[t] = __fadd_rn(acc[t], __fmul_rn(a.weight_decay, p));
       }
-      __syncwarp();
+      __syncwarp(mask);
     }
     // Row-wise Adagrad reads every column of a block and writes one state per block: snapshot
     // both per block first, so a lane's write can never race with another lane's read.
     if (a.optimizer == 2) {
-      for (int64_t blk = lane; blk < nact; blk += 32) {
+      for (int64_t blk = lane; blk < nact; blk += G) {
         float sq = 0.0f;
         for (int64_t u = 0; u < B; ++u) {
           const float gu = acc[blk * B + u];
@@ -300,11 +318,11 @@ __global__ void update_kernel(FusedArgs a) {
         rowmean[blk] = __fdiv_rn(sq, static_cast<float>(B));
         rows1[blk] = a.state1[act_slot[blk]];
       }
-      __syncwarp();
+      __syncwarp(mask);
     }
     // Two passes when non-finite updates must be skipped: flag the blocks, then write the others.
     for (int pass = a.nan_check ? 0 : 1; pass < 2; ++pass) {
-      for (int64_t t = lane; t < K; t += 32) {
+      for (int64_t t = lane; t < K; t += G) {
         const int64_t blk = t / B, k = t % B;
         const int64_t slot = act_slot[blk];
         const float g = acc[t];
@@ -337,9 +355,32 @@ __global__ void update_kernel(FusedArgs a) {
           if (a.optimizer >= 3) a.state2[slot * B + k] = n2;
         }
       }
-      __syncwarp();
+      __syncwarp(mask);
     }
   }
+}
+
+template <typename T, int G>
+cudaError_t launch_update(const FusedArgs& a, int64_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(
+        update_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  // As many blocks as the device holds at once (64 registers a thread: 32 warps per
+  // multiprocessor; forcing fewer registers spills), each group striding over the runs.
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, update_kernel<T, G>, 32 * kWarps,
+                                                    static_cast<size_t>(smem)) != cudaSuccess ||
+      per_sm < 1)
+    per_sm = 1;
+  constexpr int64_t kGroups = 32 * kWarps / G;
+  int64_t blocks = (a.num_runs + kGroups - 1) / kGroups;
+  const int64_t most = static_cast<int64_t>(per_sm) * (a.num_sms > 0 ? a.num_sms : 1);
+  if (blocks > most) blocks = most;
+  update_kernel<T, G><<<dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks)), dim3(32 * kWarps),
+                        smem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -349,32 +390,21 @@ cudaError_t launch_typed(const FusedArgs& a, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((a.num_chunks + kWarps - 1) / kWarps));
     partial_kernel<T><<<grid, block, 0, stream>>>(a);
   }
+  if (a.num_runs == 0) return cudaGetLastError();
   const int64_t smem = fused_update_smem_bytes(a.D, a.NB);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(
-        update_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
+  switch (group_width(a.B, a.D)) {
+    case 8: return launch_update<T, 8>(a, smem, stream);
+    case 16: return launch_update<T, 16>(a, smem, stream);
+    default: return launch_update<T, 32>(a, smem, stream);
   }
-  if (a.num_runs > 0) {
-    // As many blocks as the device holds at once (64 registers a thread: 32 warps per
-    // multiprocessor; forcing fewer registers spills), each warp striding over the runs.
-    int per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, update_kernel<T>, 32 * kWarps,
-                                                      static_cast<size_t>(smem)) != cudaSuccess ||
-        per_sm < 1)
-      per_sm = 1;
-    int64_t blocks = (a.num_runs + kWarps - 1) / kWarps;
-    const int64_t most = static_cast<int64_t>(per_sm) * (a.num_sms > 0 ? a.num_sms : 1);
-    if (blocks > most) blocks = most;
-    update_kernel<T><<<dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks)), block, smem,
-                       stream>>>(a);
-  }
-  return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t fused_update_smem_bytes(int64_t D, int64_t NB) { return smem_per_warp(D, NB) * kWarps; }
+int64_t fused_update_smem_bytes(int64_t D, int64_t NB) {
+  const int64_t groups = 32 * kWarps / group_width(NB > 0 ? D / NB : D, D);
+  return smem_per_group(D, NB) * groups;
+}
 
 cudaError_t launch_fused_update_rows(const FusedArgs& a, cudaStream_t stream) {
   switch (a.value_type) {
