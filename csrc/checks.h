@@ -201,4 +201,18 @@ inline void check_frozen(const char* op, const c10::optional<at::Tensor>& frozen
   check_device(op, "frozen", *frozen, dev);
 }
 
+// Arguments of dsl_C::fused_plan (CPU and CUDA): 1-D int32/int64 indices, 1-D offsets of
+// num_bags + 1 entries on the same device, mode 0..2, num_rows >= 0.
+inline void check_plan_args(const at::Tensor& indices, const at::Tensor& offsets, int64_t mode,
+                            int64_t num_rows) {
+  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && offsets.numel() >= 1,
+              "fused_plan: indices must be 1-D and offsets 1-D with num_bags + 1 entries");
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "fused_plan: indices must be int32 or int64");
+  TORCH_CHECK(offsets.device() == indices.device(),
+              "fused_plan: indices and offsets must be on the same device");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "fused_plan: mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK(num_rows >= 0, "fused_plan: num_rows must be >= 0, got ", num_rows);
+}
+
 }  // namespace dsl

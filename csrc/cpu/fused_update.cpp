@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "../checks.h"
 #include "fused_checks.h"
 #include "fused_update.h"
 
@@ -204,10 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pla
     const at::Tensor& indices, const at::Tensor& offsets,
     const c10::optional<at::Tensor>& per_sample_weights, int64_t mode, int64_t padding_idx,
     int64_t num_rows) {
-  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && offsets.numel() >= 1,
-              "fused_plan: indices must be 1-D and offsets 1-D with num_bags + 1 entries");
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "fused_plan: indices must be int32 or int64");
+  dsl::check_plan_args(indices, offsets, mode, num_rows);
   const auto idx_t = indices.to(at::kLong).contiguous();
   const auto off_t = offsets.to(at::kLong).contiguous();
   const int64_t L = idx_t.numel(), num_bags = off_t.numel() - 1;

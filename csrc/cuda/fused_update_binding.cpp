@@ -14,6 +14,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../checks.h"
 #include "fused_update.cuh"
 
 namespace {
@@ -155,14 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pla
     const at::Tensor& indices, const at::Tensor& offsets,
     const c10::optional<at::Tensor>& per_sample_weights, int64_t mode, int64_t padding_idx,
     int64_t num_rows) {
-  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && offsets.numel() >= 1,
-              "fused_plan: indices must be 1-D and offsets 1-D with num_bags + 1 entries");
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "fused_plan: indices must be int32 or int64");
-  TORCH_CHECK(indices.is_cuda() && offsets.device() == indices.device(),
-              "fused_plan: indices and offsets must be on the same CUDA device");
-  TORCH_CHECK(mode >= 0 && mode <= 2, "fused_plan: mode must be 0, 1 or 2, got ", mode);
-  TORCH_CHECK(num_rows >= 0, "fused_plan: num_rows must be >= 0, got ", num_rows);
+  dsl::check_plan_args(indices, offsets, mode, num_rows);
   c10::cuda::CUDAGuard guard(indices.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor idx = indices.contiguous();
