@@ -133,6 +133,20 @@ def env_header(device: Optional[str] = None) -> str:
     return " | ".join(parts)
 
 
+def write_report(out_dir: str, name: str, text: str) -> str:
+    """Write ``text`` to ``out_dir/name`` (the directory is created), print it and the path;
+    returns the path."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"written to {path}")
+    return path
+
+
 def markdown_table(rows: List[dict], columns: List[str]) -> str:
     """A GitHub markdown table of ``rows`` (dicts) restricted to ``columns``."""
     def fmt(v):

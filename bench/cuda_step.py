@@ -39,7 +39,7 @@ from torch import nn
 
 import dsl_kernels
 from bench.common import (device_tag, env_header, markdown_table, measure_copy_bandwidth,
-                          time_cuda_all)
+                          time_cuda_all, write_report)
 from bench.kernels import Config, make_indices, run_config, sparse_backends
 from dsl_kernels import SparseEmbeddingBag
 from dsl_kernels.fused import fuse_optimizer
@@ -281,12 +281,8 @@ def main(argv=None) -> int:
         "`mem_vs_dense`: dsl values + fused optimizer state / dense values + Adam state.", "",
         "### Goals (issue 14)", "", *g, "",
         "### Profile of the fused step", "", "```", prof, "```", ""])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cuda_step_{device_tag('cuda')}{'_quick' if args.quick else ''}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {path}")
+    write_report(args.out, f"cuda_step_{device_tag('cuda')}{'_quick' if args.quick else ''}.md",
+                 text)
     return 0
 
 

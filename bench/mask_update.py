@@ -58,7 +58,7 @@ import time
 
 import torch
 
-from bench.common import device_tag, env_header, markdown_table
+from bench.common import device_tag, env_header, markdown_table, write_report
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -319,12 +319,7 @@ def main(argv=None) -> str:
             f"D=64, block 8, density 0.1, Adam, {args.bags} bags x {args.bag_size} uniform "
             f"indices, torch threads {torch.get_num_threads()}. Memory: {how}.\n\n")
     text = head + table + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"mask_update_{device_tag(args.device)}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {path}")
+    write_report(args.out, f"mask_update_{device_tag(args.device)}.md", text)
     return text
 
 
